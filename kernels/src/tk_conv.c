@@ -1,0 +1,296 @@
+/* Convolution drivers: gather ("bit im2col") of a block of output voxels into packed rows, the
+ * selected micro-kernel, and the fused epilogue. Also the float first-layer convolution. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "tk_internal.h"
+
+/* Output voxels gathered per block: a multiple of TK_VOXEL_GROUP, sized so that the rows of one
+ * block (2 planes x kw words each) stay near 16 KiB, in L1 beside the filters being applied. */
+static int64_t block_voxels(int64_t kw, int64_t out_w) {
+    int64_t vb = (16 * 1024) / (16 * kw);
+    if (vb > 128) vb = 128;
+    if (vb > out_w) vb = out_w;
+    vb = (vb + TK_VOXEL_GROUP - 1) / TK_VOXEL_GROUP * TK_VOXEL_GROUP;
+    return vb < TK_VOXEL_GROUP ? TK_VOXEL_GROUP : vb;
+}
+
+typedef struct geometry {
+    int64_t od, oh, ow, taps, cb, kw, noct;
+    int64_t pad_d, pad_h, pad_w;
+} geometry;
+
+static geometry conv_geometry(const tk_conv_params *p) {
+    geometry g;
+    g.od = tk_conv_out_size(p->in_d, p->stride_d);
+    g.oh = tk_conv_out_size(p->in_h, p->stride_h);
+    g.ow = tk_conv_out_size(p->in_w, p->stride_w);
+    g.taps = (int64_t)p->k_d * p->k_h * p->k_w;
+    g.cb = tk_channel_bytes(p->in_channels);
+    g.kw = tk_k_words(p->in_channels, g.taps);
+    g.noct = (p->out_channels + TK_OCTET - 1) / TK_OCTET;
+    g.pad_d = (int64_t)p->dilation_d * (p->k_d - 1) / 2;
+    g.pad_h = (int64_t)p->dilation_h * (p->k_h - 1) / 2;
+    g.pad_w = (int64_t)p->dilation_w * (p->k_w - 1) / 2;
+    return g;
+}
+
+/* Copy one tap of nx output voxels: source records are 2*cb bytes (mask | sign), destination rows
+ * are 2*kw words (mask words | sign words). CB is a compile-time constant in the common cases. */
+#define TK_GATHER_TAP(CB)                                                                      \
+    for (int64_t x = x_lo; x < x_hi; ++x) {                                                    \
+        const uint8_t *src = src_row + (x * sw + x_off) * 2 * (CB);                            \
+        uint8_t *dst = (uint8_t *)(rows + (x - x0) * 2 * kw) + t * (CB);                       \
+        memcpy(dst, src, (CB));                                                                \
+        memcpy(dst + kw * 8, src + (CB), (CB));                                                \
+    }
+
+static void gather_block(const tk_conv_params *p, const geometry *g, const uint8_t *x_in,
+                         int64_t oz, int64_t oy, int64_t x0, int64_t nx, uint64_t *rows) {
+    const int64_t cb = g->cb, kw = g->kw, sw = p->stride_w;
+    for (int64_t a = 0; a < p->k_d; ++a) {
+        const int64_t iz = oz * p->stride_d - g->pad_d + a * p->dilation_d;
+        for (int64_t b = 0; b < p->k_h; ++b) {
+            const int64_t iy = oy * p->stride_h - g->pad_h + b * p->dilation_h;
+            const int row_ok = iz >= 0 && iz < p->in_d && iy >= 0 && iy < p->in_h;
+            const uint8_t *src_row = row_ok ? x_in + ((iz * p->in_h + iy) * p->in_w) * 2 * cb : NULL;
+            for (int64_t c = 0; c < p->k_w; ++c) {
+                const int64_t t = (a * p->k_h + b) * p->k_w + c;
+                const int64_t x_off = c * p->dilation_w - g->pad_w; /* ix = x * sw + x_off */
+                /* valid x: 0 <= x*sw + x_off < in_w */
+                int64_t x_lo = x0, x_hi = x0 + nx;
+                if (!row_ok) {
+                    x_lo = x_hi;
+                } else {
+                    const int64_t first = x_off >= 0 ? 0 : (-x_off + sw - 1) / sw;
+                    const int64_t last = (p->in_w - 1 - x_off) >= 0 ? (p->in_w - 1 - x_off) / sw + 1 : 0;
+                    if (x_lo < first) x_lo = first;
+                    if (x_hi > last) x_hi = last;
+                    if (x_hi < x_lo) x_hi = x_lo;
+                }
+                /* zero taps that fall into the padding */
+                for (int64_t x = x0; x < x0 + nx; ++x) {
+                    if (x >= x_lo && x < x_hi) continue;
+                    uint8_t *dst = (uint8_t *)(rows + (x - x0) * 2 * kw) + t * cb;
+                    memset(dst, 0, (size_t)cb);
+                    memset(dst + kw * 8, 0, (size_t)cb);
+                }
+                switch (cb) {
+                case 1: TK_GATHER_TAP(1) break;
+                case 2: TK_GATHER_TAP(2) break;
+                case 4: TK_GATHER_TAP(4) break;
+                case 8: TK_GATHER_TAP(8) break;
+                case 16: TK_GATHER_TAP(16) break;
+                default: TK_GATHER_TAP(cb) break;
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Epilogue (derivation once, see also docs/kernels.md). The accumulator is the exact integer
+ * dot product acc = sum w*x over taps and input channels, w, x in {-1, 0, +1}. Training computes
+ * y = gamma * (alpha * acc + conv_bias - mean) / sqrt(var + eps) + beta = a * acc + b and the next
+ * activation is +1 if y > 1/2, -1 if y < -1/2, else 0. For a > 0 and integer acc:
+ *     y > 1/2  <=>  acc > (1/2 - b) / a  <=>  acc > hi := floor((1/2 - b) / a)
+ *     y < -1/2 <=>  acc < (-1/2 - b) / a <=>  acc < lo := ceil((-1/2 - b) / a)
+ * (a < 0 is folded by negating the filter's weights offline; a == 0 gives a constant output,
+ * expressed with hi = INT32_MIN or lo = INT32_MAX.) The kernel only sees the integer pair.
+ */
+static void epilogue_ternary(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                             const int32_t *lo, const int32_t *hi, uint8_t *out) {
+    const int64_t cbo = tk_channel_bytes(cout);
+    for (int64_t v = 0; v < nv; ++v) {
+        const int32_t *av = acc + v * ldacc;
+        uint8_t *om = out + v * 2 * cbo, *os = om + cbo;
+        for (int64_t byte = 0; byte < cbo; ++byte) {
+            unsigned m = 0, s = 0;
+            const int64_t c0 = byte * 8, c1 = c0 + 8 < cout ? c0 + 8 : cout;
+            for (int64_t c = c0; c < c1; ++c) {
+                const unsigned pos = av[c] > hi[c], neg = av[c] < lo[c] && !pos;
+                m |= (pos | neg) << (c - c0);
+                s |= neg << (c - c0);
+            }
+            om[byte] = (uint8_t)m;
+            os[byte] = (uint8_t)s;
+        }
+    }
+}
+
+int tk_ternary_conv3d(const tk_conv_params *p, const uint8_t *x, const uint64_t *packed_w,
+                      int epilogue, const int32_t *lo, const int32_t *hi, const float *scale,
+                      const float *bias, void *out, int threads) {
+    int status = tk_check_conv_params(p);
+    if (status != TK_OK) return status;
+    if (!x || !packed_w || !out) return TK_ERR_ARGUMENT;
+    if (epilogue == TK_EPILOGUE_TERNARY && (!lo || !hi)) return TK_ERR_ARGUMENT;
+    if (epilogue == TK_EPILOGUE_FLOAT && (!scale || !bias)) return TK_ERR_ARGUMENT;
+    if (epilogue < TK_EPILOGUE_TERNARY || epilogue > TK_EPILOGUE_INT32) return TK_ERR_ARGUMENT;
+
+    const geometry g = conv_geometry(p);
+    const int64_t cout = p->out_channels, ldacc = g.noct * TK_OCTET;
+    const int64_t vb = block_voxels(g.kw, g.ow);
+    const int64_t blocks_per_row = (g.ow + vb - 1) / vb;
+    const int64_t items = g.od * g.oh * blocks_per_row;
+    const int64_t cbo = tk_channel_bytes(cout);
+    const tk_gemm_fn gemm = tk_selected_gemm();
+    int failed = 0;
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(tk_threads(threads))
+#endif
+    {
+        uint64_t *rows = (uint64_t *)calloc((size_t)(vb * 2 * g.kw), sizeof(uint64_t));
+        int32_t *acc = (int32_t *)malloc((size_t)(vb * ldacc) * sizeof(int32_t));
+        if (!rows || !acc) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < items; ++item) {
+            if (!rows || !acc) continue;
+            const int64_t row = item / blocks_per_row, x0 = (item % blocks_per_row) * vb;
+            const int64_t oz = row / g.oh, oy = row % g.oh;
+            const int64_t nx = g.ow - x0 < vb ? g.ow - x0 : vb;
+            const int64_t nvpad = (nx + TK_VOXEL_GROUP - 1) / TK_VOXEL_GROUP * TK_VOXEL_GROUP;
+            gather_block(p, &g, x, oz, oy, x0, nx, rows);
+            memset(rows + nx * 2 * g.kw, 0, (size_t)((nvpad - nx) * 2 * g.kw) * sizeof(uint64_t));
+            gemm(rows, nvpad, packed_w, g.noct, g.kw, acc);
+            const int64_t ov = (oz * g.oh + oy) * g.ow + x0;
+            if (epilogue == TK_EPILOGUE_TERNARY) {
+                epilogue_ternary(acc, ldacc, nx, cout, lo, hi, (uint8_t *)out + ov * 2 * cbo);
+            } else if (epilogue == TK_EPILOGUE_FLOAT) {
+                float *o = (float *)out + ov * cout;
+                for (int64_t v = 0; v < nx; ++v)
+                    for (int64_t c = 0; c < cout; ++c)
+                        o[v * cout + c] = scale[c] * (float)acc[v * ldacc + c] + bias[c];
+            } else {
+                int32_t *o = (int32_t *)out + ov * cout;
+                for (int64_t v = 0; v < nx; ++v)
+                    memcpy(o + v * cout, acc + v * ldacc, (size_t)cout * sizeof(int32_t));
+            }
+        }
+        free(rows);
+        free(acc);
+    }
+    return failed ? TK_ERR_MEMORY : TK_OK;
+}
+
+/* ------------------------------------------------------------------ float first-layer conv */
+
+/* One output row (oz, oy) of the float convolution; wt is [tap][cin][cout]. Kept free of FMA
+ * contraction (-ffp-contract=off) so every build rounds the same way. */
+static TK_ALWAYS_INLINE void float_conv_row(
+    const tk_conv_params *p, const geometry *g, const float *x, const float *wt, const float *bias,
+    int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy, float *acc) {
+    const int64_t cin = p->in_channels, cout = p->out_channels, cbo = tk_channel_bytes(cout);
+    for (int64_t ox = 0; ox < g->ow; ++ox) {
+        for (int64_t c = 0; c < cout; ++c) acc[c] = 0.0f;
+        for (int64_t a = 0; a < p->k_d; ++a) {
+            const int64_t iz = oz * p->stride_d - g->pad_d + a * p->dilation_d;
+            if (iz < 0 || iz >= p->in_d) continue;
+            for (int64_t b = 0; b < p->k_h; ++b) {
+                const int64_t iy = oy * p->stride_h - g->pad_h + b * p->dilation_h;
+                if (iy < 0 || iy >= p->in_h) continue;
+                for (int64_t c = 0; c < p->k_w; ++c) {
+                    const int64_t ix = ox * p->stride_w - g->pad_w + c * p->dilation_w;
+                    if (ix < 0 || ix >= p->in_w) continue;
+                    const int64_t t = (a * p->k_h + b) * p->k_w + c;
+                    const float *xi = x + ((iz * p->in_h + iy) * p->in_w + ix) * cin;
+                    for (int64_t ci = 0; ci < cin; ++ci) {
+                        const float v = xi[ci];
+                        const float *wv = wt + (t * cin + ci) * cout;
+                        for (int64_t co = 0; co < cout; ++co) acc[co] += wv[co] * v;
+                    }
+                }
+            }
+        }
+        const int64_t ov = (oz * g->oh + oy) * g->ow + ox;
+        if (epilogue == TK_EPILOGUE_FLOAT) {
+            float *o = (float *)out + ov * cout;
+            for (int64_t co = 0; co < cout; ++co) o[co] = acc[co] + bias[co];
+        } else {
+            uint8_t *om = (uint8_t *)out + ov * 2 * cbo, *os = om + cbo;
+            memset(om, 0, (size_t)(2 * cbo));
+            for (int64_t co = 0; co < cout; ++co) {
+                const int q = tk_ternarize_f(acc[co] + bias[co], lo[co], hi[co]);
+                if (q) om[co >> 3] |= (uint8_t)(1u << (co & 7));
+                if (q < 0) os[co >> 3] |= (uint8_t)(1u << (co & 7));
+            }
+        }
+    }
+}
+
+static void float_conv_rows_plain(const tk_conv_params *p, const geometry *g, const float *x,
+                                  const float *wt, const float *bias, int epilogue,
+                                  const float *lo, const float *hi, void *out, int64_t oz,
+                                  int64_t oy, float *acc) {
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, acc);
+}
+
+#if TK_HAVE_X86_PATHS
+/* AVX2 without FMA: the same multiplies and adds in the same order, 8 lanes wide. */
+__attribute__((target("avx2"))) static void float_conv_rows_avx2(
+    const tk_conv_params *p, const geometry *g, const float *x, const float *wt, const float *bias,
+    int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy, float *acc) {
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, acc);
+}
+#endif
+
+int tk_float_conv3d(const tk_conv_params *p, const float *x, const float *w, const float *bias,
+                    int epilogue, const float *lo, const float *hi, void *out, int threads) {
+    int status = tk_check_conv_params(p);
+    if (status != TK_OK) return status;
+    if (!x || !w || !bias || !out) return TK_ERR_ARGUMENT;
+    if (epilogue == TK_EPILOGUE_TERNARY) {
+        if (!lo || !hi) return TK_ERR_ARGUMENT;
+    } else if (epilogue != TK_EPILOGUE_FLOAT) {
+        return TK_ERR_ARGUMENT;
+    }
+    const geometry g = conv_geometry(p);
+    const int64_t cin = p->in_channels, cout = p->out_channels;
+    const int64_t wsize = tk_mul_checked(tk_mul_checked(g.taps, cin), cout);
+    if (!wsize) return TK_ERR_SIZE;
+    float *wt = (float *)malloc((size_t)wsize * sizeof(float));
+    if (!wt) return TK_ERR_MEMORY;
+    for (int64_t co = 0; co < cout; ++co)
+        for (int64_t ci = 0; ci < cin; ++ci)
+            for (int64_t t = 0; t < g.taps; ++t)
+                wt[(t * cin + ci) * cout + co] = w[(co * cin + ci) * g.taps + t];
+
+    void (*rows_fn)(const tk_conv_params *, const geometry *, const float *, const float *,
+                    const float *, int, const float *, const float *, void *, int64_t, int64_t,
+                    float *) = float_conv_rows_plain;
+#if TK_HAVE_X86_PATHS
+    if (tk_current_path() >= TK_PATH_AVX2) rows_fn = float_conv_rows_avx2;
+#endif
+    const int64_t items = g.od * g.oh;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(tk_threads(threads))
+#endif
+    {
+        float *acc = (float *)malloc((size_t)cout * sizeof(float));
+        if (!acc) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t item = 0; item < items; ++item) {
+            if (!acc) continue;
+            rows_fn(p, &g, x, wt, bias, epilogue, lo, hi, out, item / g.oh, item % g.oh, acc);
+        }
+        free(acc);
+    }
+    free(wt);
+    return failed ? TK_ERR_MEMORY : TK_OK;
+}

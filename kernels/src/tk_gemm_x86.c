@@ -1,0 +1,148 @@
+/* x86 SIMD micro-kernels (AVX2, AVX-512 VPOPCNTDQ). Compiled with per-function target attributes,
+ * so the file builds without -m flags and the dispatcher only calls what the CPU has. Each must
+ * equal tk_gemm_portable bit for bit (tests/test_kernels.py sweeps every path).
+ *
+ * Layout (docs/kernels.md): a vector lane holds one filter, so a 64-bit activation word is broadcast
+ * and meets one 64-bit word of 8 (AVX-512) or 4 (AVX2) filters at once. The sums never need a
+ * horizontal reduction and K is padded only to 64 bits. */
+#include "tk_internal.h"
+
+#if TK_HAVE_X86_PATHS
+#include <immintrin.h>
+
+/* ---------------------------------------------------------------- AVX-512 (8 filters per zmm) */
+
+#define TK_AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
+
+/* 4 voxels x NG octets, single running sum per pair: acc += popcount(M) - 2 popcount(N). */
+#define TK_AVX512_BLOCK(NG)                                                                      \
+    static TK_AVX512 void avx512_block_##NG(const uint64_t *a, const uint64_t *w, int64_t kw,     \
+                                            int64_t wstride, int32_t *acc, int64_t accstride) {  \
+        __m512i s[4][NG];                                                                        \
+        for (int i = 0; i < 4; ++i)                                                              \
+            for (int j = 0; j < NG; ++j) s[i][j] = _mm512_setzero_si512();                       \
+        for (int64_t k = 0; k < kw; ++k) {                                                       \
+            __m512i wm[NG], ws[NG];                                                              \
+            for (int j = 0; j < NG; ++j) {                                                       \
+                wm[j] = _mm512_loadu_si512((const void *)(w + j * wstride + k * 16));            \
+                ws[j] = _mm512_loadu_si512((const void *)(w + j * wstride + k * 16 + 8));        \
+            }                                                                                    \
+            for (int i = 0; i < 4; ++i) {                                                        \
+                const __m512i am = _mm512_set1_epi64((long long)a[i * 2 * kw + k]);              \
+                const __m512i as = _mm512_set1_epi64((long long)a[i * 2 * kw + kw + k]);         \
+                for (int j = 0; j < NG; ++j) {                                                   \
+                    const __m512i m = _mm512_and_si512(am, wm[j]);                               \
+                    /* imm 0x60 = A & (B ^ C): truth-table bits 5 (A,~B,C) and 6 (A,B,~C) */                          \
+                    const __m512i n = _mm512_ternarylogic_epi64(m, as, ws[j], 0x60);             \
+                    const __m512i pn = _mm512_popcnt_epi64(n);                                   \
+                    s[i][j] = _mm512_add_epi64(s[i][j], _mm512_popcnt_epi64(m));                 \
+                    s[i][j] = _mm512_sub_epi64(s[i][j], _mm512_add_epi64(pn, pn));               \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < 4; ++i)                                                              \
+            for (int j = 0; j < NG; ++j)                                                         \
+                _mm256_storeu_si256((__m256i *)(acc + i * accstride + j * 8),                    \
+                                    _mm512_cvtepi64_epi32(s[i][j]));                             \
+    }
+
+TK_AVX512_BLOCK(1)
+TK_AVX512_BLOCK(2)
+TK_AVX512_BLOCK(3)
+TK_AVX512_BLOCK(4)
+
+TK_AVX512 void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct,
+                              int64_t kw, int32_t *acc) {
+    const int64_t wstride = kw * 2 * TK_OCTET, accstride = noct * TK_OCTET;
+    for (int64_t g = 0; g < noct; g += 4) {
+        const int64_t ng = noct - g < 4 ? noct - g : 4;
+        const uint64_t *wg = w + g * wstride;
+        for (int64_t v = 0; v < nv; v += 4) {
+            const uint64_t *av = a + v * 2 * kw;
+            int32_t *out = acc + v * accstride + g * TK_OCTET;
+            switch (ng) {
+            case 4: avx512_block_4(av, wg, kw, wstride, out, accstride); break;
+            case 3: avx512_block_3(av, wg, kw, wstride, out, accstride); break;
+            case 2: avx512_block_2(av, wg, kw, wstride, out, accstride); break;
+            default: avx512_block_1(av, wg, kw, wstride, out, accstride); break;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 (4 filters per ymm) */
+
+#define TK_AVX2 __attribute__((target("avx2")))
+
+/* Byte-wise popcount by nibble lookup (vpshufb). */
+static inline TK_AVX2 __m256i popcount_bytes(__m256i x, __m256i lut, __m256i low4) {
+    const __m256i lo = _mm256_and_si256(x, low4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+/* Per word and lane, popcount(M) - 2 popcount(N) is in [-64, 64] and each byte in [-8, 8]; signed
+ * byte sums are safe for 15 words (|sum| <= 120), then flushed into 64-bit lanes with vpsadbw on
+ * the bytes biased by +128 (8 bytes per lane: subtract 8 * 128 per flush). */
+#define TK_AVX2_FLUSH_WORDS 15
+
+/* 2 voxels x 2 quads (one octet). */
+static TK_AVX2 void avx2_block(const uint64_t *a, const uint64_t *w, int64_t kw, int32_t *acc,
+                               int64_t accstride) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2,
+                                         1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i total[2][2];
+    for (int i = 0; i < 2; ++i) total[i][0] = total[i][1] = zero;
+    int64_t flushes = 0;
+    for (int64_t k0 = 0; k0 < kw; k0 += TK_AVX2_FLUSH_WORDS) {
+        const int64_t k1 = k0 + TK_AVX2_FLUSH_WORDS < kw ? k0 + TK_AVX2_FLUSH_WORDS : kw;
+        __m256i s[2][2];
+        for (int i = 0; i < 2; ++i) s[i][0] = s[i][1] = zero;
+        for (int64_t k = k0; k < k1; ++k) {
+            const uint64_t *wk = w + k * 16;
+            const __m256i wm0 = _mm256_loadu_si256((const __m256i *)wk);
+            const __m256i wm1 = _mm256_loadu_si256((const __m256i *)(wk + 4));
+            const __m256i ws0 = _mm256_loadu_si256((const __m256i *)(wk + 8));
+            const __m256i ws1 = _mm256_loadu_si256((const __m256i *)(wk + 12));
+            for (int i = 0; i < 2; ++i) {
+                const __m256i am = _mm256_set1_epi64x((long long)a[i * 2 * kw + k]);
+                const __m256i as = _mm256_set1_epi64x((long long)a[i * 2 * kw + kw + k]);
+                const __m256i m0 = _mm256_and_si256(am, wm0), m1 = _mm256_and_si256(am, wm1);
+                const __m256i n0 = _mm256_and_si256(m0, _mm256_xor_si256(as, ws0));
+                const __m256i n1 = _mm256_and_si256(m1, _mm256_xor_si256(as, ws1));
+                const __m256i pn0 = popcount_bytes(n0, lut, low4);
+                const __m256i pn1 = popcount_bytes(n1, lut, low4);
+                s[i][0] = _mm256_add_epi8(s[i][0], popcount_bytes(m0, lut, low4));
+                s[i][1] = _mm256_add_epi8(s[i][1], popcount_bytes(m1, lut, low4));
+                s[i][0] = _mm256_sub_epi8(s[i][0], _mm256_add_epi8(pn0, pn0));
+                s[i][1] = _mm256_sub_epi8(s[i][1], _mm256_add_epi8(pn1, pn1));
+            }
+        }
+        for (int i = 0; i < 2; ++i)
+            for (int h = 0; h < 2; ++h)
+                total[i][h] = _mm256_add_epi64(
+                    total[i][h], _mm256_sad_epu8(_mm256_xor_si256(s[i][h], bias), zero));
+        ++flushes;
+    }
+    const int64_t offset = flushes * 8 * 128;
+    for (int i = 0; i < 2; ++i)
+        for (int h = 0; h < 2; ++h) {
+            int64_t lanes[4];
+            _mm256_storeu_si256((__m256i *)lanes, total[i][h]);
+            for (int j = 0; j < 4; ++j) acc[i * accstride + h * 4 + j] = (int32_t)(lanes[j] - offset);
+        }
+}
+
+TK_AVX2 void tk_gemm_avx2(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct,
+                          int64_t kw, int32_t *acc) {
+    const int64_t wstride = kw * 2 * TK_OCTET, accstride = noct * TK_OCTET;
+    for (int64_t g = 0; g < noct; ++g)
+        for (int64_t v = 0; v < nv; v += 2)
+            avx2_block(a + v * 2 * kw, w + g * wstride, kw, acc + v * accstride + g * TK_OCTET,
+                       accstride);
+}
+
+#endif /* TK_HAVE_X86_PATHS */

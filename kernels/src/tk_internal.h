@@ -1,0 +1,74 @@
+/* Internal declarations shared by the kernel sources (not part of the public API). */
+#ifndef TK_INTERNAL_H
+#define TK_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ternary_kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && defined(__GNUC__)
+#define TK_HAVE_X86_PATHS 1
+#else
+#define TK_HAVE_X86_PATHS 0
+#endif
+
+#if defined(__GNUC__)
+#define TK_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define TK_ALWAYS_INLINE __forceinline
+#else
+#define TK_ALWAYS_INLINE inline
+#endif
+
+/* Filters are processed in octets: one AVX-512 register holds one 64-bit word of 8 filters. */
+#define TK_OCTET 8
+/* Output voxels per micro-kernel call are a multiple of this (rows are zero-padded up to it). */
+#define TK_VOXEL_GROUP 4
+
+/*
+ * The GEMM micro-kernel every path implements (see docs/kernels.md):
+ *   a   : nv rows (nv % TK_VOXEL_GROUP == 0), each [mask words 0..kw-1 | sign words 0..kw-1]
+ *   w   : noct octets, each kw words x {mask, sign} x 8 filters (tk_pack_weights layout)
+ *   acc : int32 [nv][noct * 8], acc[v][f] = sum_k popcount(M) - 2 popcount(N) with
+ *         M = a_mask & w_mask, N = M & (a_sign ^ w_sign).
+ */
+typedef void (*tk_gemm_fn)(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct,
+                           int64_t kw, int32_t *acc);
+
+void tk_gemm_portable(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct, int64_t kw,
+                      int32_t *acc);
+#if TK_HAVE_X86_PATHS
+void tk_gemm_scalar(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct, int64_t kw,
+                    int32_t *acc);
+void tk_gemm_avx2(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct, int64_t kw,
+                  int32_t *acc);
+void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct, int64_t kw,
+                    int32_t *acc);
+#endif
+
+/* The micro-kernel of the currently selected path. */
+tk_gemm_fn tk_selected_gemm(void);
+
+/* Number of threads for a call: threads <= 0 means all. */
+int tk_threads(int threads);
+
+/* Weight words per filter and plane: ceil(taps * Cb / 8). */
+int64_t tk_k_words(int64_t in_channels, int64_t taps);
+
+/* Checked arithmetic: returns 0 on overflow (sizes are positive here). */
+int64_t tk_mul_checked(int64_t a, int64_t b);
+
+/* Shared validation of a convolution geometry; TK_OK or an error. */
+int tk_check_conv_params(const tk_conv_params *p);
+
+/* Ternary value from a float and a threshold pair (NaN compares false -> 0). */
+static inline int tk_ternarize_f(float y, float lo, float hi) {
+    return (y > hi) ? 1 : ((y < lo) ? -1 : 0);
+}
+
+#endif
