@@ -68,9 +68,10 @@ static void gather_block(const tk_conv_params *p, const geometry *g, const uint8
                     if (x_hi > last) x_hi = last;
                     if (x_hi < x_lo) x_hi = x_lo;
                 }
-                /* zero taps that fall into the padding */
+                /* zero the taps that fall into the padding: x in [x0, x_lo) and [x_hi, x0 + nx) */
                 for (int64_t x = x0; x < x0 + nx; ++x) {
-                    if (x >= x_lo && x < x_hi) continue;
+                    if (x == x_lo) x = x_hi;
+                    if (x >= x0 + nx) break;
                     uint8_t *dst = (uint8_t *)(rows + (x - x0) * 2 * kw) + t * cb;
                     memset(dst, 0, (size_t)cb);
                     memset(dst + kw * 8, 0, (size_t)cb);
@@ -96,10 +97,12 @@ static void gather_block(const tk_conv_params *p, const geometry *g, const uint8
  *     y > 1/2  <=>  acc > (1/2 - b) / a  <=>  acc > hi := floor((1/2 - b) / a)
  *     y < -1/2 <=>  acc < (-1/2 - b) / a <=>  acc < lo := ceil((-1/2 - b) / a)
  * (a < 0 is folded by negating the filter's weights offline; a == 0 gives a constant output,
- * expressed with hi = INT32_MIN or lo = INT32_MAX.) The kernel only sees the integer pair.
+ * expressed with hi = INT32_MIN or lo = INT32_MAX.) The kernel only sees the integer pair; a value
+ * above hi is +1 even when it is also below lo. The optimised epilogues in tk_gemm_x86.c compute
+ * the same comparisons with vector compares.
  */
-static void epilogue_ternary(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
-                             const int32_t *lo, const int32_t *hi, uint8_t *out) {
+void tk_epilogue_ternary_portable(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                                  const int32_t *lo, const int32_t *hi, uint8_t *out) {
     const int64_t cbo = tk_channel_bytes(cout);
     for (int64_t v = 0; v < nv; ++v) {
         const int32_t *av = acc + v * ldacc;
@@ -135,6 +138,7 @@ int tk_ternary_conv3d(const tk_conv_params *p, const uint8_t *x, const uint64_t 
     const int64_t items = g.od * g.oh * blocks_per_row;
     const int64_t cbo = tk_channel_bytes(cout);
     const tk_gemm_fn gemm = tk_selected_gemm();
+    const tk_epilogue_fn epilogue_ternary = tk_selected_epilogue();
     int failed = 0;
 
 #ifdef _OPENMP

@@ -51,6 +51,16 @@ tk_gemm_fn tk_selected_gemm(void) {
     }
 }
 
+tk_epilogue_fn tk_selected_epilogue(void) {
+    switch (tk_current_path()) {
+#if TK_HAVE_X86_PATHS
+    case TK_PATH_AVX512: return tk_epilogue_ternary_avx512;
+    case TK_PATH_AVX2: return tk_epilogue_ternary_avx2;
+#endif
+    default: return tk_epilogue_ternary_portable;
+    }
+}
+
 int tk_max_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -70,6 +70,31 @@ TK_AVX512 void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, 
     }
 }
 
+/* The ternary epilogue of tk_conv.c with 16-lane compares; each mask bit is one channel's bit. */
+TK_AVX512 void tk_epilogue_ternary_avx512(const int32_t *acc, int64_t ldacc, int64_t nv,
+                                          int64_t cout, const int32_t *lo, const int32_t *hi,
+                                          uint8_t *out) {
+    const int64_t cbo = tk_channel_bytes(cout);
+    for (int64_t v = 0; v < nv; ++v) {
+        const int32_t *av = acc + v * ldacc;
+        uint8_t *om = out + v * 2 * cbo, *os = om + cbo;
+        for (int64_t c0 = 0; c0 < cout; c0 += 16) {
+            const int64_t n = cout - c0 < 16 ? cout - c0 : 16;
+            const __mmask16 k = (__mmask16)((1u << n) - 1u);
+            const __m512i a = _mm512_maskz_loadu_epi32(k, av + c0);
+            const __mmask16 pos = _mm512_mask_cmpgt_epi32_mask(k, a, _mm512_maskz_loadu_epi32(k, hi + c0));
+            const __mmask16 neg = _mm512_mask_cmplt_epi32_mask(k, a, _mm512_maskz_loadu_epi32(k, lo + c0)) & ~pos;
+            const unsigned m = (unsigned)(pos | neg), sg = (unsigned)neg;
+            om[c0 >> 3] = (uint8_t)m;
+            os[c0 >> 3] = (uint8_t)sg;
+            if (n > 8) {
+                om[(c0 >> 3) + 1] = (uint8_t)(m >> 8);
+                os[(c0 >> 3) + 1] = (uint8_t)(sg >> 8);
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ AVX2 (4 filters per ymm) */
 
 #define TK_AVX2 __attribute__((target("avx2")))
@@ -134,6 +159,29 @@ static TK_AVX2 void avx2_block(const uint64_t *a, const uint64_t *w, int64_t kw,
             _mm256_storeu_si256((__m256i *)lanes, total[i][h]);
             for (int j = 0; j < 4; ++j) acc[i * accstride + h * 4 + j] = (int32_t)(lanes[j] - offset);
         }
+}
+
+/* The ternary epilogue with 8-lane compares and movemask. */
+TK_AVX2 void tk_epilogue_ternary_avx2(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                                      const int32_t *lo, const int32_t *hi, uint8_t *out) {
+    const int64_t cbo = tk_channel_bytes(cout);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t v = 0; v < nv; ++v) {
+        const int32_t *av = acc + v * ldacc;
+        uint8_t *om = out + v * 2 * cbo, *os = om + cbo;
+        for (int64_t c0 = 0; c0 < cout; c0 += 8) {
+            const int n = cout - c0 < 8 ? (int)(cout - c0) : 8;
+            const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+            const __m256i a = _mm256_maskload_epi32(av + c0, k);
+            const __m256i pos = _mm256_cmpgt_epi32(a, _mm256_maskload_epi32(hi + c0, k));
+            const __m256i neg = _mm256_andnot_si256(pos, _mm256_cmpgt_epi32(_mm256_maskload_epi32(lo + c0, k), a));
+            const unsigned valid = (1u << n) - 1u;
+            const unsigned p = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(pos)) & valid;
+            const unsigned q = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(neg)) & valid;
+            om[c0 >> 3] = (uint8_t)(p | q);
+            os[c0 >> 3] = (uint8_t)q;
+        }
+    }
 }
 
 TK_AVX2 void tk_gemm_avx2(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct,

@@ -51,8 +51,22 @@ void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t no
                     int32_t *acc);
 #endif
 
-/* The micro-kernel of the currently selected path. */
+/* The ternary epilogue (see tk_conv.c): packs acc [nv][ldacc] against thresholds into nv records. */
+typedef void (*tk_epilogue_fn)(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                               const int32_t *lo, const int32_t *hi, uint8_t *out);
+
+void tk_epilogue_ternary_portable(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                                  const int32_t *lo, const int32_t *hi, uint8_t *out);
+#if TK_HAVE_X86_PATHS
+void tk_epilogue_ternary_avx2(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                              const int32_t *lo, const int32_t *hi, uint8_t *out);
+void tk_epilogue_ternary_avx512(const int32_t *acc, int64_t ldacc, int64_t nv, int64_t cout,
+                                const int32_t *lo, const int32_t *hi, uint8_t *out);
+#endif
+
+/* The micro-kernel and ternary epilogue of the currently selected path. */
 tk_gemm_fn tk_selected_gemm(void);
+tk_epilogue_fn tk_selected_epilogue(void);
 
 /* Number of threads for a call: threads <= 0 means all. */
 int tk_threads(int threads);
