@@ -35,14 +35,22 @@ static geometry conv_geometry(const tk_conv_params *p) {
     return g;
 }
 
+/* memcpy of n bytes in fixed-size pieces (no library call for the odd channel counts). */
+static TK_ALWAYS_INLINE void copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n) {
+    for (; n >= 8; n -= 8, dst += 8, src += 8) memcpy(dst, src, 8);
+    if (n >= 4) { memcpy(dst, src, 4); dst += 4; src += 4; n -= 4; }
+    if (n >= 2) { memcpy(dst, src, 2); dst += 2; src += 2; n -= 2; }
+    if (n) *dst = *src;
+}
+
 /* Copy one tap of nx output voxels: source records are 2*cb bytes (mask | sign), destination rows
  * are 2*kw words (mask words | sign words). CB is a compile-time constant in the common cases. */
 #define TK_GATHER_TAP(CB)                                                                      \
     for (int64_t x = x_lo; x < x_hi; ++x) {                                                    \
         const uint8_t *src = src_row + (x * sw + x_off) * 2 * (CB);                            \
         uint8_t *dst = (uint8_t *)(rows + (x - x0) * 2 * kw) + t * (CB);                       \
-        memcpy(dst, src, (CB));                                                                \
-        memcpy(dst + kw * 8, src + (CB), (CB));                                                \
+        copy_bytes(dst, src, (CB));                                                            \
+        copy_bytes(dst + kw * 8, src + (CB), (CB));                                            \
     }
 
 static void gather_block(const tk_conv_params *p, const geometry *g, const uint8_t *x_in,
@@ -187,45 +195,123 @@ int tk_ternary_conv3d(const tk_conv_params *p, const uint8_t *x, const uint64_t 
 
 /* ------------------------------------------------------------------ float first-layer conv */
 
-/* One output row (oz, oy) of the float convolution; wt is [tap][cin][cout]. Kept free of FMA
- * contraction (-ffp-contract=off) so every build rounds the same way. */
-static TK_ALWAYS_INLINE void float_conv_row(
-    const tk_conv_params *p, const geometry *g, const float *x, const float *wt, const float *bias,
-    int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy, float *acc) {
+/* The float convolution of one output voxel for NB output channels (NB a multiple of 8, a
+ * compile-time constant so the sums stay in vector registers). rows[r] points at the input row of
+ * the r-th in-bounds (kd, kh) pair and taps[r] is that pair's first tap index; wt is
+ * [tap][cin][cout8], cout8 = cout rounded up to 8, zero-filled. No FMA contraction
+ * (-ffp-contract=off): every build rounds the same way, acc += w * x tap by tap, channel by channel
+ * (the numpy reference's order). */
+#define TK_FLOAT_VOXEL(NB)                                                                         \
+    static TK_ALWAYS_INLINE void float_voxel_##NB(const tk_conv_params *p, const float *const *rows, \
+                                                  const int64_t *taps, int64_t nrows,              \
+                                                  const float *wt, int64_t cout8, int64_t ix0,     \
+                                                  float *acc) {                                    \
+        const int64_t cin = p->in_channels;                                                        \
+        float s[NB] = {0.0f};                                                                      \
+        for (int64_t r = 0; r < nrows; ++r) {                                                      \
+            for (int64_t c = 0; c < p->k_w; ++c) {                                                 \
+                const int64_t ix = ix0 + c * p->dilation_w;                                        \
+                if (ix < 0 || ix >= p->in_w) continue;                                             \
+                const float *xi = rows[r] + ix * cin;                                              \
+                const float *wv = wt + (taps[r] + c) * cin * cout8;                                \
+                for (int64_t ci = 0; ci < cin; ++ci, wv += cout8) {                                \
+                    const float v = xi[ci];                                                        \
+                    for (int j = 0; j < (NB); ++j) s[j] += wv[j] * v;                              \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; j < (NB); ++j) acc[j] = s[j];                                              \
+    }
+
+/* The same sums for a voxel whose taps are all inside the volume: one flat list of (input offset,
+ * weight row) per tap, no bounds checks; identical arithmetic in identical order. */
+#define TK_FLOAT_VOXEL_INTERIOR(NB)                                                                \
+    static TK_ALWAYS_INLINE void float_voxel_interior_##NB(                                        \
+        const float *x0, const int64_t *offsets, const float *const *wrows, int64_t ntaps,         \
+        int64_t cin, int64_t cout8, int64_t c0, float *acc) {                                      \
+        float s[NB] = {0.0f};                                                                      \
+        for (int64_t e = 0; e < ntaps; ++e) {                                                      \
+            const float *xi = x0 + offsets[e], *wv = wrows[e] + c0;                                \
+            for (int64_t ci = 0; ci < cin; ++ci, wv += cout8) {                                    \
+                const float v = xi[ci];                                                            \
+                for (int j = 0; j < (NB); ++j) s[j] += wv[j] * v;                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; j < (NB); ++j) acc[j] = s[j];                                              \
+    }
+
+TK_FLOAT_VOXEL(8)
+TK_FLOAT_VOXEL(16)
+TK_FLOAT_VOXEL(24)
+TK_FLOAT_VOXEL(32)
+TK_FLOAT_VOXEL_INTERIOR(8)
+TK_FLOAT_VOXEL_INTERIOR(16)
+TK_FLOAT_VOXEL_INTERIOR(24)
+TK_FLOAT_VOXEL_INTERIOR(32)
+
+/* One output row (oz, oy) of the float convolution, then its epilogue (y = acc + bias).
+ * scratch: rows/taps of k_d*k_h entries, offsets/wrows of k_d*k_h*k_w entries. */
+typedef struct float_scratch {
+    float *acc;
+    const float **rows;
+    int64_t *taps;
+    int64_t *offsets;
+    const float **wrows;
+} float_scratch;
+
+static TK_ALWAYS_INLINE void float_conv_row(const tk_conv_params *p, const geometry *g,
+                                            const float *x, const float *wt, const float *bias,
+                                            int epilogue, const float *lo, const float *hi,
+                                            void *out, int64_t oz, int64_t oy, float_scratch *sc) {
     const int64_t cin = p->in_channels, cout = p->out_channels, cbo = tk_channel_bytes(cout);
+    const int64_t cout8 = (cout + 7) / 8 * 8;
+    float *acc = sc->acc;
+    int64_t nrows = 0, ntaps = 0;
+    for (int64_t a = 0; a < p->k_d; ++a) {
+        const int64_t iz = oz * p->stride_d - g->pad_d + a * p->dilation_d;
+        for (int64_t b = 0; b < p->k_h; ++b) {
+            const int64_t iy = oy * p->stride_h - g->pad_h + b * p->dilation_h;
+            if (iz < 0 || iz >= p->in_d || iy < 0 || iy >= p->in_h) continue;
+            sc->rows[nrows] = x + (iz * p->in_h + iy) * p->in_w * cin;
+            sc->taps[nrows] = (a * p->k_h + b) * p->k_w;
+            for (int64_t c = 0; c < p->k_w; ++c) {
+                sc->offsets[ntaps] = (sc->rows[nrows] - x) + c * p->dilation_w * cin;
+                sc->wrows[ntaps++] = wt + (sc->taps[nrows] + c) * cin * cout8;
+            }
+            ++nrows;
+        }
+    }
+    const int64_t reach = (int64_t)(p->k_w - 1) * p->dilation_w;
     for (int64_t ox = 0; ox < g->ow; ++ox) {
-        for (int64_t c = 0; c < cout; ++c) acc[c] = 0.0f;
-        for (int64_t a = 0; a < p->k_d; ++a) {
-            const int64_t iz = oz * p->stride_d - g->pad_d + a * p->dilation_d;
-            if (iz < 0 || iz >= p->in_d) continue;
-            for (int64_t b = 0; b < p->k_h; ++b) {
-                const int64_t iy = oy * p->stride_h - g->pad_h + b * p->dilation_h;
-                if (iy < 0 || iy >= p->in_h) continue;
-                for (int64_t c = 0; c < p->k_w; ++c) {
-                    const int64_t ix = ox * p->stride_w - g->pad_w + c * p->dilation_w;
-                    if (ix < 0 || ix >= p->in_w) continue;
-                    const int64_t t = (a * p->k_h + b) * p->k_w + c;
-                    const float *xi = x + ((iz * p->in_h + iy) * p->in_w + ix) * cin;
-                    for (int64_t ci = 0; ci < cin; ++ci) {
-                        const float v = xi[ci];
-                        const float *wv = wt + (t * cin + ci) * cout;
-                        for (int64_t co = 0; co < cout; ++co) acc[co] += wv[co] * v;
-                    }
+        const int64_t ix0 = ox * p->stride_w - g->pad_w;
+        const int interior = ix0 >= 0 && ix0 + reach < p->in_w;
+        for (int64_t c0 = 0; c0 < cout8; c0 += 32) {
+            const int64_t nb = cout8 - c0 < 32 ? cout8 - c0 : 32;
+            if (interior) {
+                const float *x0 = x + ix0 * cin;
+                switch (nb) {
+                case 8: float_voxel_interior_8(x0, sc->offsets, sc->wrows, ntaps, cin, cout8, c0, acc + c0); break;
+                case 16: float_voxel_interior_16(x0, sc->offsets, sc->wrows, ntaps, cin, cout8, c0, acc + c0); break;
+                case 24: float_voxel_interior_24(x0, sc->offsets, sc->wrows, ntaps, cin, cout8, c0, acc + c0); break;
+                default: float_voxel_interior_32(x0, sc->offsets, sc->wrows, ntaps, cin, cout8, c0, acc + c0); break;
+                }
+            } else {
+                const float *w0 = wt + c0;
+                switch (nb) {
+                case 8: float_voxel_8(p, sc->rows, sc->taps, nrows, w0, cout8, ix0, acc + c0); break;
+                case 16: float_voxel_16(p, sc->rows, sc->taps, nrows, w0, cout8, ix0, acc + c0); break;
+                case 24: float_voxel_24(p, sc->rows, sc->taps, nrows, w0, cout8, ix0, acc + c0); break;
+                default: float_voxel_32(p, sc->rows, sc->taps, nrows, w0, cout8, ix0, acc + c0); break;
                 }
             }
         }
+        for (int64_t co = 0; co < cout; ++co) acc[co] += bias[co];
         const int64_t ov = (oz * g->oh + oy) * g->ow + ox;
         if (epilogue == TK_EPILOGUE_FLOAT) {
-            float *o = (float *)out + ov * cout;
-            for (int64_t co = 0; co < cout; ++co) o[co] = acc[co] + bias[co];
+            memcpy((float *)out + ov * cout, acc, (size_t)cout * sizeof(float));
         } else {
-            uint8_t *om = (uint8_t *)out + ov * 2 * cbo, *os = om + cbo;
-            memset(om, 0, (size_t)(2 * cbo));
-            for (int64_t co = 0; co < cout; ++co) {
-                const int q = tk_ternarize_f(acc[co] + bias[co], lo[co], hi[co]);
-                if (q) om[co >> 3] |= (uint8_t)(1u << (co & 7));
-                if (q < 0) os[co >> 3] |= (uint8_t)(1u << (co & 7));
-            }
+            uint8_t *om = (uint8_t *)out + ov * 2 * cbo;
+            tk_pack_record_f(acc, cout, lo, hi, om, om + cbo);
         }
     }
 }
@@ -233,16 +319,17 @@ static TK_ALWAYS_INLINE void float_conv_row(
 static void float_conv_rows_plain(const tk_conv_params *p, const geometry *g, const float *x,
                                   const float *wt, const float *bias, int epilogue,
                                   const float *lo, const float *hi, void *out, int64_t oz,
-                                  int64_t oy, float *acc) {
-    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, acc);
+                                  int64_t oy, float_scratch *sc) {
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc);
 }
 
 #if TK_HAVE_X86_PATHS
 /* AVX2 without FMA: the same multiplies and adds in the same order, 8 lanes wide. */
 __attribute__((target("avx2"))) static void float_conv_rows_avx2(
     const tk_conv_params *p, const geometry *g, const float *x, const float *wt, const float *bias,
-    int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy, float *acc) {
-    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, acc);
+    int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy,
+    float_scratch *sc) {
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc);
 }
 #endif
 
@@ -258,18 +345,19 @@ int tk_float_conv3d(const tk_conv_params *p, const float *x, const float *w, con
     }
     const geometry g = conv_geometry(p);
     const int64_t cin = p->in_channels, cout = p->out_channels;
-    const int64_t wsize = tk_mul_checked(tk_mul_checked(g.taps, cin), cout);
+    const int64_t cout8 = (cout + 7) / 8 * 8;
+    const int64_t wsize = tk_mul_checked(tk_mul_checked(g.taps, cin), cout8);
     if (!wsize) return TK_ERR_SIZE;
-    float *wt = (float *)malloc((size_t)wsize * sizeof(float));
+    float *wt = (float *)calloc((size_t)wsize, sizeof(float));
     if (!wt) return TK_ERR_MEMORY;
     for (int64_t co = 0; co < cout; ++co)
         for (int64_t ci = 0; ci < cin; ++ci)
             for (int64_t t = 0; t < g.taps; ++t)
-                wt[(t * cin + ci) * cout + co] = w[(co * cin + ci) * g.taps + t];
+                wt[(t * cin + ci) * cout8 + co] = w[(co * cin + ci) * g.taps + t];
 
     void (*rows_fn)(const tk_conv_params *, const geometry *, const float *, const float *,
                     const float *, int, const float *, const float *, void *, int64_t, int64_t,
-                    float *) = float_conv_rows_plain;
+                    float_scratch *) = float_conv_rows_plain;
 #if TK_HAVE_X86_PATHS
     if (tk_current_path() >= TK_PATH_AVX2) rows_fn = float_conv_rows_avx2;
 #endif
@@ -279,8 +367,15 @@ int tk_float_conv3d(const tk_conv_params *p, const float *x, const float *w, con
 #pragma omp parallel num_threads(tk_threads(threads))
 #endif
     {
-        float *acc = (float *)malloc((size_t)cout * sizeof(float));
-        if (!acc) {
+        const int64_t kdh = (int64_t)p->k_d * p->k_h;
+        float_scratch sc;
+        sc.acc = (float *)malloc((size_t)cout8 * sizeof(float));
+        sc.rows = (const float **)malloc((size_t)kdh * sizeof(float *));
+        sc.taps = (int64_t *)malloc((size_t)kdh * sizeof(int64_t));
+        sc.offsets = (int64_t *)malloc((size_t)g.taps * sizeof(int64_t));
+        sc.wrows = (const float **)malloc((size_t)g.taps * sizeof(float *));
+        const int ok = sc.acc && sc.rows && sc.taps && sc.offsets && sc.wrows;
+        if (!ok) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
@@ -290,10 +385,14 @@ int tk_float_conv3d(const tk_conv_params *p, const float *x, const float *w, con
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int64_t item = 0; item < items; ++item) {
-            if (!acc) continue;
-            rows_fn(p, &g, x, wt, bias, epilogue, lo, hi, out, item / g.oh, item % g.oh, acc);
+            if (!ok) continue;
+            rows_fn(p, &g, x, wt, bias, epilogue, lo, hi, out, item / g.oh, item % g.oh, &sc);
         }
-        free(acc);
+        free(sc.acc);
+        free((void *)sc.rows);
+        free(sc.taps);
+        free(sc.offsets);
+        free((void *)sc.wrows);
     }
     free(wt);
     return failed ? TK_ERR_MEMORY : TK_OK;

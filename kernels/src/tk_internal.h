@@ -80,9 +80,22 @@ int64_t tk_mul_checked(int64_t a, int64_t b);
 /* Shared validation of a convolution geometry; TK_OK or an error. */
 int tk_check_conv_params(const tk_conv_params *p);
 
-/* Ternary value from a float and a threshold pair (NaN compares false -> 0). */
-static inline int tk_ternarize_f(float y, float lo, float hi) {
-    return (y > hi) ? 1 : ((y < lo) ? -1 : 0);
+/* One voxel's float values -> its packed record (mask bytes om, sign bytes os): +1 where
+ * y > hi[c], -1 where y < lo[c], else 0 (NaN -> 0). Branch-free: the data decide nothing. */
+static TK_ALWAYS_INLINE void tk_pack_record_f(const float *y, int64_t channels, const float *lo,
+                                              const float *hi, uint8_t *om, uint8_t *os) {
+    for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+        const int64_t n = channels - c0 < 8 ? channels - c0 : 8;
+        unsigned m = 0, s = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const unsigned pos = y[c0 + j] > hi[c0 + j];
+            const unsigned neg = (y[c0 + j] < lo[c0 + j]) & (pos ^ 1u);
+            m |= (pos | neg) << j;
+            s |= neg << j;
+        }
+        om[c0 >> 3] = (uint8_t)m;
+        os[c0 >> 3] = (uint8_t)s;
+    }
 }
 
 #endif

@@ -20,14 +20,8 @@ int tk_pack(const float *x, int64_t nvox, int64_t channels, const float *lo, con
     (void)nt;
     TK_PARALLEL_FOR
     for (int64_t v = 0; v < nvox; ++v) {
-        const float *xv = x + v * channels;
-        uint8_t *om = out + v * 2 * cb, *os = om + cb;
-        memset(om, 0, (size_t)(2 * cb));
-        for (int64_t c = 0; c < channels; ++c) {
-            const int q = tk_ternarize_f(xv[c], lo[c], hi[c]);
-            if (q) om[c >> 3] |= (uint8_t)(1u << (c & 7));
-            if (q < 0) os[c >> 3] |= (uint8_t)(1u << (c & 7));
-        }
+        uint8_t *om = out + v * 2 * cb;
+        tk_pack_record_f(x + v * channels, channels, lo, hi, om, om + cb);
     }
     return TK_OK;
 }
