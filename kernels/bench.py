@@ -372,7 +372,7 @@ def main(argv=None):
         methods, checks, data_info = bench_layer(K, torch, args.size, channels, paths, args.threads,
                                                  args.repeats, layouts, rng)
         ok &= all(checks.values())
-        stats = {m.name: {"median_s": statistics.median(m.times), "times_s": m.times,
+        stats = {m.name: {"median_s": statistics.median(m.times), "min_s": min(m.times), "times_s": m.times,
                           "gmacs": macs / statistics.median(m.times) / 1e9} for m in methods}
         torch_stats = {m.name: stats[m.name] for m in methods if m.kind != "ours"}
         best = {}

@@ -62,7 +62,8 @@ def _dlopen(path):
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
     try:
-        lib = ffi.dlopen(path)
+        # Never unload: OpenMP worker threads may still be parked in the library at exit.
+        lib = ffi.dlopen(path, ffi.RTLD_NOW | getattr(ffi, "RTLD_NODELETE", 0))
     except OSError as error:
         raise ImportError(f"Cannot load the kernels library {path!r}: {error}. {_BUILD_HINT}.") from error
     return ffi, lib

@@ -33,7 +33,9 @@ class TernaryMap:
 
     __slots__ = ("data", "channels")
 
-    def __init__(self, data, channels):
+    def __init__(self, data, channels, validate=True):
+        """Wrap packed ``data``; ``validate`` checks the canonical form (kernels rely on it: sign
+        bits only where the mask is set, padding channel bits zero). Maps the kernels make skip it."""
         channels = int(channels)
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
@@ -46,11 +48,14 @@ class TernaryMap:
                              f"with D, H, W >= 1, got {data.shape}")
         self.data = np.ascontiguousarray(data)
         self.channels = channels
+        if validate and not self.is_canonical():
+            raise ValueError("TernaryMap data is not canonical: sign bits must be a subset of mask bits "
+                             f"and the bits of padding channels {channels}..{8 * cb - 1} must be 0")
 
     @classmethod
     def zeros(cls, shape, channels):
         d, h, w = (int(n) for n in shape)
-        return cls(np.zeros((d, h, w, 2, channel_bytes(channels)), np.uint8), channels)
+        return cls(np.zeros((d, h, w, 2, channel_bytes(channels)), np.uint8), channels, validate=False)
 
     @property
     def shape(self):

@@ -11,7 +11,7 @@ def _planes_to_map(q):
     """int8 (D, H, W, C) in {-1, 0, 1} -> TernaryMap."""
     mask = np.packbits(q != 0, axis=-1, bitorder="little")
     sign = np.packbits(q < 0, axis=-1, bitorder="little")
-    return TernaryMap(np.ascontiguousarray(np.stack([mask, sign], axis=3)), q.shape[-1])
+    return TernaryMap(np.ascontiguousarray(np.stack([mask, sign], axis=3)), q.shape[-1], validate=False)
 
 
 def ternarize(x, lo, hi):

@@ -32,11 +32,13 @@
                 const __m512i as = _mm512_set1_epi64((long long)a[i * 2 * kw + kw + k]);         \
                 for (int j = 0; j < NG; ++j) {                                                   \
                     const __m512i m = _mm512_and_si512(am, wm[j]);                               \
-                    /* imm 0x60 = A & (B ^ C): truth-table bits 5 (A,~B,C) and 6 (A,B,~C) */                          \
+                    /* popcount(M) first, so the ternary-logic op may overwrite M in place */     \
+                    const __m512i pm = _mm512_popcnt_epi64(m);                                   \
+                    /* imm 0x60 = A & (B ^ C): truth-table bits 5 (A,~B,C) and 6 (A,B,~C) */      \
                     const __m512i n = _mm512_ternarylogic_epi64(m, as, ws[j], 0x60);             \
                     const __m512i pn = _mm512_popcnt_epi64(n);                                   \
-                    s[i][j] = _mm512_add_epi64(s[i][j], _mm512_popcnt_epi64(m));                 \
-                    s[i][j] = _mm512_sub_epi64(s[i][j], _mm512_add_epi64(pn, pn));               \
+                    s[i][j] = _mm512_sub_epi64(_mm512_add_epi64(s[i][j], pm),                    \
+                                               _mm512_add_epi64(pn, pn));                        \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \

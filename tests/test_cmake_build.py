@@ -1,0 +1,138 @@
+"""The CMake build of the kernels (kernels/CMakeLists.txt, the one the Slicer extension uses).
+
+Configures and builds the stand-alone project into a temporary directory, then loads the library in a
+fresh interpreter through $TERNARYSEG_KERNELS_LIB (cffi ABI mode) and checks a small 3x3x3 ternary
+convolution against the numpy reference on every instruction-set path.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS_DIR = os.path.join(ROOT, "kernels")
+PACKAGE_PARENT = os.path.join(ROOT, "TernarySegmentation")
+
+
+def _library_name():
+    if sys.platform == "win32":
+        return "ternary_kernels.dll"
+    if sys.platform == "darwin":
+        return "libternary_kernels.dylib"
+    return "libternary_kernels.so"
+
+
+def _have_c_compiler():
+    candidates = [os.environ.get("CC", "").split(" ")[0]] + ["cc", "gcc", "clang", "cl"]
+    return any(c and shutil.which(c) for c in candidates)
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed"),
+    pytest.mark.skipif(not _have_c_compiler(), reason="no C compiler found"),
+]
+
+
+def _run(cmd, **kwargs):
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cmake_library(tmp_path_factory):
+    """Path of the ternary_kernels shared library built by CMake (Release) in a temporary directory."""
+    build = tmp_path_factory.mktemp("cmake-kernels")
+    _run(["cmake", "-S", KERNELS_DIR, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], timeout=300)
+    _run(["cmake", "--build", str(build), "--config", "Release", "--parallel", "2"], timeout=600)
+    path = build / _library_name()
+    assert path.is_file(), f"{path} not built; build dir has {sorted(p.name for p in build.iterdir())}"
+    return str(path)
+
+
+SMOKE = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import TernarySegmentationLib.kernels as K
+    import TernarySegmentationLib.reference as R
+
+    expected = sys.argv[1]
+    assert os.path.samefile(K.LIBRARY_PATH, expected), (K.LIBRARY_PATH, expected)
+    rng = np.random.default_rng(1234)
+    cin, cout = 13, 11
+    q = rng.integers(-1, 2, size=(6, 5, 7, cin)).astype(np.int8)
+    x = R.pack(q.astype(np.float32), np.full(cin, -0.5, np.float32), np.full(cin, 0.5, np.float32))
+    w = rng.integers(-1, 2, size=(cout, cin, 3, 3, 3)).astype(np.int8)
+    lo = rng.integers(-6, 1, size=cout).astype(np.int32)
+    hi = rng.integers(0, 7, size=cout).astype(np.int32)
+    scale = rng.standard_normal(cout).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    want_acc = R.ternary_conv3d(x, w, epilogue="int32")
+    want_map = R.ternary_conv3d(x, w, epilogue="ternary", lo=lo, hi=hi)
+    want_float = R.ternary_conv3d(x, w, epilogue="float", scale=scale, bias=bias)
+    paths = K.available_paths()
+    assert "portable" in paths, paths
+    for path in paths:
+        with K.use_path(path):
+            assert K.current_path() == path
+            got = K.ternary_conv3d(x, w, epilogue="int32")
+            assert np.array_equal(got, want_acc), path
+            got = K.ternary_conv3d(x, K.pack_weights(w), epilogue="ternary", lo=lo, hi=hi)
+            assert np.array_equal(got.data, want_map.data), path
+            got = K.ternary_conv3d(x, w, epilogue="float", scale=scale, bias=bias)
+            assert np.array_equal(got, want_float), path
+    print("paths:", " ".join(paths))
+""")
+
+
+def test_cmake_library_matches_reference_on_every_path(cmake_library):
+    env = dict(os.environ)
+    env["TERNARYSEG_KERNELS_LIB"] = cmake_library
+    env.pop("TERNARYSEG_KERNEL_PATH", None)
+    # The repository's binding, whatever is installed: ABI mode needs no compiled extension.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    result = _run([sys.executable, "-c", SMOKE, cmake_library], env=env, cwd=ROOT, timeout=300)
+    assert "paths: portable" in result.stdout
+
+
+def test_cmake_library_exports_only_the_api(cmake_library):
+    lib = ctypes.CDLL(cmake_library)
+    assert lib.tk_abi_version() == 1
+    for name in ("tk_ternary_conv3d", "tk_float_conv3d", "tk_pack", "tk_max_pool", "tk_concat"):
+        assert hasattr(lib, name), name
+    # Internal helpers stay hidden (C_VISIBILITY_PRESET hidden + TK_API on the public functions).
+    for name in ("tk_k_words", "tk_gemm_portable", "tk_selected_gemm", "tk_check_conv_params"):
+        assert not hasattr(lib, name), f"{name} is exported"
+
+
+UNLOAD = textwrap.dedent("""
+    import time
+    import numpy as np
+    import TernarySegmentationLib.kernels as K
+    import TernarySegmentationLib.reference as R
+
+    x = R.pack(np.ones((8, 8, 8, 16), np.float32), np.full(16, -0.5, np.float32),
+               np.full(16, 0.5, np.float32))
+    K.ternary_conv3d(x, np.ones((16, 16, 3, 3, 3), np.int8), epilogue="int32", threads=2)
+    K.ffi.dlclose(K.lib)  # what cffi does anyway when the interpreter exits
+    time.sleep(0.3)
+    print("survived")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF -z nodelete is Linux-only")
+def test_unloading_the_library_with_idle_openmp_threads_does_not_crash(cmake_library):
+    # cffi ABI mode dlcloses the library at exit; without -z nodelete that could unmap libgomp while
+    # its idle workers spin in it (a SIGSEGV after the work is done, ~1 exit in 10). OMP_WAIT_POLICY
+    # =active keeps them spinning, so the crash would be certain here.
+    env = dict(os.environ, TERNARYSEG_KERNELS_LIB=cmake_library, OMP_WAIT_POLICY="active")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-c", UNLOAD], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr)
