@@ -14,26 +14,30 @@ static inline int popcount64_portable(uint64_t x) {
 #endif
 }
 
-/* Two output voxels x one octet of filters per inner loop: 16 running sums in registers. */
+/* One output voxel x half an octet (4 filters) per inner loop. popcount(M) and popcount(N) are
+ * summed separately and combined once at the end (sum M - 2 sum N), which saves an operation per
+ * word; the 8 running sums and the two activation words fit in x86-64's general registers (the
+ * weights are read as memory operands). Sums fit: sum M <= taps * Cin < 2^31. */
+#define TK_GEMM_PLAIN_HALF 4
 #define TK_GEMM_PLAIN_BODY(POPCOUNT)                                                          \
     for (int64_t g = 0; g < noct; ++g) {                                                      \
-        const uint64_t *wo = w + g * kw * 2 * TK_OCTET;                                       \
-        for (int64_t v = 0; v < nv; v += 2) {                                                 \
-            const uint64_t *a0 = a + v * 2 * kw, *a1 = a0 + 2 * kw;                           \
-            int64_t s0[TK_OCTET] = {0}, s1[TK_OCTET] = {0};                                   \
-            for (int64_t k = 0; k < kw; ++k) {                                                \
-                const uint64_t *wm = wo + k * 2 * TK_OCTET, *ws = wm + TK_OCTET;              \
-                const uint64_t am0 = a0[k], as0 = a0[kw + k], am1 = a1[k], as1 = a1[kw + k];  \
-                for (int j = 0; j < TK_OCTET; ++j) {                                          \
-                    uint64_t m0 = am0 & wm[j], m1 = am1 & wm[j];                              \
-                    s0[j] += POPCOUNT(m0) - 2 * POPCOUNT(m0 & (as0 ^ ws[j]));                 \
-                    s1[j] += POPCOUNT(m1) - 2 * POPCOUNT(m1 & (as1 ^ ws[j]));                 \
+        for (int h = 0; h < TK_OCTET; h += TK_GEMM_PLAIN_HALF) {                              \
+            const uint64_t *wo = w + g * kw * 2 * TK_OCTET + h;                               \
+            for (int64_t v = 0; v < nv; ++v) {                                                \
+                const uint64_t *av = a + v * 2 * kw;                                          \
+                uint32_t sm[TK_GEMM_PLAIN_HALF] = {0}, sn[TK_GEMM_PLAIN_HALF] = {0};          \
+                for (int64_t k = 0; k < kw; ++k) {                                            \
+                    const uint64_t *wm = wo + k * 2 * TK_OCTET, *ws = wm + TK_OCTET;          \
+                    const uint64_t am = av[k], as = av[kw + k];                               \
+                    for (int j = 0; j < TK_GEMM_PLAIN_HALF; ++j) {                            \
+                        const uint64_t m = am & wm[j];                                        \
+                        sm[j] += (uint32_t)POPCOUNT(m);                                       \
+                        sn[j] += (uint32_t)POPCOUNT(m & (as ^ ws[j]));                        \
+                    }                                                                         \
                 }                                                                             \
-            }                                                                                 \
-            int32_t *o0 = acc + v * noct * TK_OCTET + g * TK_OCTET, *o1 = o0 + noct * TK_OCTET; \
-            for (int j = 0; j < TK_OCTET; ++j) {                                              \
-                o0[j] = (int32_t)s0[j];                                                       \
-                o1[j] = (int32_t)s1[j];                                                       \
+                int32_t *o = acc + v * noct * TK_OCTET + g * TK_OCTET + h;                    \
+                for (int j = 0; j < TK_GEMM_PLAIN_HALF; ++j)                                  \
+                    o[j] = (int32_t)sm[j] - 2 * (int32_t)sn[j];                               \
             }                                                                                 \
         }                                                                                     \
     }
