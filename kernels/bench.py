@@ -384,8 +384,13 @@ def main(argv=None):
             if m.kind != "ours":
                 continue
             g = stats[m.name]["gmacs"]
+            # Also the median of per-round ratios (same round = same machine state), robust to noise
+            # that comes and goes during a layer.
+            paired = {f"ratio_{kind}_paired": statistics.median(
+                t / o for t, o in zip(best[kind]["times_s"], m.times)) for kind in ("fp32", "int8")}
             rows.append({"path": m.name, **stats[m.name], "ratio_fp32": g / best["fp32"]["gmacs"],
-                         "ratio_int8": g / best["int8"]["gmacs"], "fraction_of_limit": g / limit_gmacs})
+                         "ratio_int8": g / best["int8"]["gmacs"], **paired,
+                         "fraction_of_limit": g / limit_gmacs})
         results.append({"layer": name, "size": args.size, "in_channels": channels, "out_channels": channels,
                         "kernel": [3, 3, 3], "stride": 1, "epilogue": "ternary", "macs": macs,
                         "paths": rows, "torch": torch_stats, "torch_fp32": best["fp32"],

@@ -373,8 +373,9 @@ def test_ternary_conv3d_constant_thresholds(path, case):
         assert_map_equal(K.ternary_conv3d(x, w, lo=lo, hi=hi, threads=2), expected)
 
 
+# 72 and 80 input channels with 3x3x3 give 31 and 34 words: around the AVX2 byte-sum flush (31)
 @pytest.mark.parametrize("cin,kernel", [(130, (3, 3, 3)), (64, (3, 3, 3)), (65, (1, 3, 5)),
-                                        (8, (1, 1, 1))])
+                                        (8, (1, 1, 1)), (72, (3, 3, 3)), (80, (3, 3, 3))])
 def test_ternary_conv3d_saturated_accumulators(path, cin, kernel):
     """All-ones inputs: interior accumulators reach +-taps*Cin exactly (no narrow-sum overflow)."""
     shape = (3, 3, 5)  # voxel (1, 1, 2) sees every tap of each kernel below

@@ -108,10 +108,10 @@ static inline TK_AVX2 __m256i popcount_bytes(__m256i x, __m256i lut, __m256i low
     return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
 }
 
-/* Per word and lane, popcount(M) - 2 popcount(N) is in [-64, 64] and each byte in [-8, 8]; signed
- * byte sums are safe for 15 words (|sum| <= 120), then flushed into 64-bit lanes with vpsadbw on
- * the bytes biased by +128 (8 bytes per lane: subtract 8 * 128 per flush). */
-#define TK_AVX2_FLUSH_WORDS 15
+/* popcount(M) and popcount(N) are summed separately as unsigned bytes (<= 8 per word), safe for
+ * 31 words (<= 248), then flushed into 64-bit lanes with vpsadbw (8 bytes per lane); the result is
+ * sum M - 2 sum N. */
+#define TK_AVX2_FLUSH_WORDS 31
 
 /* 2 voxels x 2 quads (one octet). */
 static TK_AVX2 void avx2_block(const uint64_t *a, const uint64_t *w, int64_t kw, int32_t *acc,
@@ -119,15 +119,13 @@ static TK_AVX2 void avx2_block(const uint64_t *a, const uint64_t *w, int64_t kw,
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2,
                                          1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i bias = _mm256_set1_epi8((char)0x80);
     const __m256i zero = _mm256_setzero_si256();
     __m256i total[2][2];
     for (int i = 0; i < 2; ++i) total[i][0] = total[i][1] = zero;
-    int64_t flushes = 0;
     for (int64_t k0 = 0; k0 < kw; k0 += TK_AVX2_FLUSH_WORDS) {
         const int64_t k1 = k0 + TK_AVX2_FLUSH_WORDS < kw ? k0 + TK_AVX2_FLUSH_WORDS : kw;
-        __m256i s[2][2];
-        for (int i = 0; i < 2; ++i) s[i][0] = s[i][1] = zero;
+        __m256i sm[2][2], sn[2][2];
+        for (int i = 0; i < 2; ++i) sm[i][0] = sm[i][1] = sn[i][0] = sn[i][1] = zero;
         for (int64_t k = k0; k < k1; ++k) {
             const uint64_t *wk = w + k * 16;
             const __m256i wm0 = _mm256_loadu_si256((const __m256i *)wk);
@@ -140,26 +138,23 @@ static TK_AVX2 void avx2_block(const uint64_t *a, const uint64_t *w, int64_t kw,
                 const __m256i m0 = _mm256_and_si256(am, wm0), m1 = _mm256_and_si256(am, wm1);
                 const __m256i n0 = _mm256_and_si256(m0, _mm256_xor_si256(as, ws0));
                 const __m256i n1 = _mm256_and_si256(m1, _mm256_xor_si256(as, ws1));
-                const __m256i pn0 = popcount_bytes(n0, lut, low4);
-                const __m256i pn1 = popcount_bytes(n1, lut, low4);
-                s[i][0] = _mm256_add_epi8(s[i][0], popcount_bytes(m0, lut, low4));
-                s[i][1] = _mm256_add_epi8(s[i][1], popcount_bytes(m1, lut, low4));
-                s[i][0] = _mm256_sub_epi8(s[i][0], _mm256_add_epi8(pn0, pn0));
-                s[i][1] = _mm256_sub_epi8(s[i][1], _mm256_add_epi8(pn1, pn1));
+                sm[i][0] = _mm256_add_epi8(sm[i][0], popcount_bytes(m0, lut, low4));
+                sm[i][1] = _mm256_add_epi8(sm[i][1], popcount_bytes(m1, lut, low4));
+                sn[i][0] = _mm256_add_epi8(sn[i][0], popcount_bytes(n0, lut, low4));
+                sn[i][1] = _mm256_add_epi8(sn[i][1], popcount_bytes(n1, lut, low4));
             }
         }
         for (int i = 0; i < 2; ++i)
-            for (int h = 0; h < 2; ++h)
-                total[i][h] = _mm256_add_epi64(
-                    total[i][h], _mm256_sad_epu8(_mm256_xor_si256(s[i][h], bias), zero));
-        ++flushes;
+            for (int h = 0; h < 2; ++h) {
+                const __m256i pm = _mm256_sad_epu8(sm[i][h], zero), pn = _mm256_sad_epu8(sn[i][h], zero);
+                total[i][h] = _mm256_add_epi64(total[i][h], _mm256_sub_epi64(pm, _mm256_add_epi64(pn, pn)));
+            }
     }
-    const int64_t offset = flushes * 8 * 128;
     for (int i = 0; i < 2; ++i)
         for (int h = 0; h < 2; ++h) {
             int64_t lanes[4];
             _mm256_storeu_si256((__m256i *)lanes, total[i][h]);
-            for (int j = 0; j < 4; ++j) acc[i * accstride + h * 4 + j] = (int32_t)(lanes[j] - offset);
+            for (int j = 0; j < 4; ++j) acc[i * accstride + h * 4 + j] = (int32_t)lanes[j];
         }
 }
 
