@@ -9,49 +9,51 @@
 
 #if TK_HAVE_X86_PATHS
 #include <immintrin.h>
+#include <string.h>
 
 /* ---------------------------------------------------------------- AVX-512 (8 filters per zmm) */
 
 #define TK_AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
 
-/* 4 voxels x NG octets, single running sum per pair: acc += popcount(M) - 2 popcount(N). */
-#define TK_AVX512_BLOCK(NG)                                                                      \
-    static TK_AVX512 void avx512_block_##NG(const uint64_t *a, const uint64_t *w, int64_t kw,     \
-                                            int64_t wstride, int32_t *acc, int64_t accstride) {  \
-        __m512i s[4][NG];                                                                        \
-        for (int i = 0; i < 4; ++i)                                                              \
-            for (int j = 0; j < NG; ++j) s[i][j] = _mm512_setzero_si512();                       \
+/* NV voxels x NG octets. popcount(M) and popcount(N) go to separate sums (combined once as
+ * sum M - 2 sum N after the K loop): per pair and word vpandq, vpopcntq, vpternlogq, vpopcntq and
+ * two adds; NV * NG * 2 sums plus the NG * 2 weight registers stay within the 32 zmm registers. */
+#define TK_AVX512_BLOCK(NV, NG)                                                                  \
+    static TK_AVX512 void avx512_block_##NV##_##NG(const uint64_t *a, const uint64_t *w,         \
+                                                   int64_t kw, int64_t wstride, int32_t *acc,    \
+                                                   int64_t accstride) {                          \
+        __m512i sm[NV][NG], sn[NV][NG];                                                          \
+        for (int i = 0; i < NV; ++i)                                                             \
+            for (int j = 0; j < NG; ++j) sm[i][j] = sn[i][j] = _mm512_setzero_si512();           \
         for (int64_t k = 0; k < kw; ++k) {                                                       \
             __m512i wm[NG], ws[NG];                                                              \
             for (int j = 0; j < NG; ++j) {                                                       \
                 wm[j] = _mm512_loadu_si512((const void *)(w + j * wstride + k * 16));            \
                 ws[j] = _mm512_loadu_si512((const void *)(w + j * wstride + k * 16 + 8));        \
             }                                                                                    \
-            for (int i = 0; i < 4; ++i) {                                                        \
+            for (int i = 0; i < NV; ++i) {                                                       \
                 const __m512i am = _mm512_set1_epi64((long long)a[i * 2 * kw + k]);              \
                 const __m512i as = _mm512_set1_epi64((long long)a[i * 2 * kw + kw + k]);         \
                 for (int j = 0; j < NG; ++j) {                                                   \
                     const __m512i m = _mm512_and_si512(am, wm[j]);                               \
-                    /* popcount(M) first, so the ternary-logic op may overwrite M in place */     \
-                    const __m512i pm = _mm512_popcnt_epi64(m);                                   \
+                    sm[i][j] = _mm512_add_epi64(sm[i][j], _mm512_popcnt_epi64(m));               \
                     /* imm 0x60 = A & (B ^ C): truth-table bits 5 (A,~B,C) and 6 (A,B,~C) */      \
                     const __m512i n = _mm512_ternarylogic_epi64(m, as, ws[j], 0x60);             \
-                    const __m512i pn = _mm512_popcnt_epi64(n);                                   \
-                    s[i][j] = _mm512_sub_epi64(_mm512_add_epi64(s[i][j], pm),                    \
-                                               _mm512_add_epi64(pn, pn));                        \
+                    sn[i][j] = _mm512_add_epi64(sn[i][j], _mm512_popcnt_epi64(n));               \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        for (int i = 0; i < 4; ++i)                                                              \
-            for (int j = 0; j < NG; ++j)                                                         \
-                _mm256_storeu_si256((__m256i *)(acc + i * accstride + j * 8),                    \
-                                    _mm512_cvtepi64_epi32(s[i][j]));                             \
+        for (int i = 0; i < NV; ++i)                                                             \
+            for (int j = 0; j < NG; ++j) {                                                       \
+                const __m512i d = _mm512_sub_epi64(sm[i][j], _mm512_add_epi64(sn[i][j], sn[i][j])); \
+                _mm256_storeu_si256((__m256i *)(acc + i * accstride + j * 8), _mm512_cvtepi64_epi32(d)); \
+            }                                                                                    \
     }
 
-TK_AVX512_BLOCK(1)
-TK_AVX512_BLOCK(2)
-TK_AVX512_BLOCK(3)
-TK_AVX512_BLOCK(4)
+TK_AVX512_BLOCK(2, 4)
+TK_AVX512_BLOCK(2, 3)
+TK_AVX512_BLOCK(4, 2)
+TK_AVX512_BLOCK(4, 1)
 
 TK_AVX512 void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, int64_t noct,
                               int64_t kw, int32_t *acc) {
@@ -63,10 +65,16 @@ TK_AVX512 void tk_gemm_avx512(const uint64_t *a, int64_t nv, const uint64_t *w, 
             const uint64_t *av = a + v * 2 * kw;
             int32_t *out = acc + v * accstride + g * TK_OCTET;
             switch (ng) {
-            case 4: avx512_block_4(av, wg, kw, wstride, out, accstride); break;
-            case 3: avx512_block_3(av, wg, kw, wstride, out, accstride); break;
-            case 2: avx512_block_2(av, wg, kw, wstride, out, accstride); break;
-            default: avx512_block_1(av, wg, kw, wstride, out, accstride); break;
+            case 4:
+                avx512_block_2_4(av, wg, kw, wstride, out, accstride);
+                avx512_block_2_4(av + 4 * kw, wg, kw, wstride, out + 2 * accstride, accstride);
+                break;
+            case 3:
+                avx512_block_2_3(av, wg, kw, wstride, out, accstride);
+                avx512_block_2_3(av + 4 * kw, wg, kw, wstride, out + 2 * accstride, accstride);
+                break;
+            case 2: avx512_block_4_2(av, wg, kw, wstride, out, accstride); break;
+            default: avx512_block_4_1(av, wg, kw, wstride, out, accstride); break;
             }
         }
     }
@@ -100,6 +108,43 @@ TK_AVX512 void tk_epilogue_ternary_avx512(const int32_t *acc, int64_t ldacc, int
 /* ------------------------------------------------------------------ AVX2 (4 filters per ymm) */
 
 #define TK_AVX2 __attribute__((target("avx2")))
+
+/* The bit im2col of one voxel for kernels with k_w = 3, dilation_w = 1 and Cb = 2 or 4 (16 or 32
+ * channels): the three taps of an input row are three consecutive records [m0 s0 | m1 s1 | m2 s2],
+ * de-interleaved with one load and a shuffle into [m0 m1 m2] and [s0 s1 s2]. rows[r] is the input
+ * row (kd, kh) r shifted to the voxel's first tap, or NULL for a row in the padding. Stores are 8 or
+ * 16 bytes wide: the bytes past a segment land in the next segment (written after it) or in the
+ * K padding, whose weight bits are zero, so they never reach a sum. The caller guarantees that the
+ * loads (16 or 32 bytes from each row pointer) stay inside the input. */
+TK_AVX2 void tk_gather3_avx2(const uint8_t *const *rows, int64_t nrows, int64_t cb, uint8_t *dm,
+                             uint8_t *ds) {
+    if (cb == 4) {
+        const __m256i to_mask = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+        const __m256i to_sign = _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0);
+        for (int64_t r = 0; r < nrows; ++r, dm += 12, ds += 12) {
+            if (!rows[r]) {
+                memset(dm, 0, 12);
+                memset(ds, 0, 12);
+                continue;
+            }
+            const __m256i v = _mm256_loadu_si256((const __m256i *)rows[r]);
+            _mm_storeu_si128((__m128i *)dm, _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, to_mask)));
+            _mm_storeu_si128((__m128i *)ds, _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, to_sign)));
+        }
+    } else { /* cb == 2 */
+        const __m128i split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        for (int64_t r = 0; r < nrows; ++r, dm += 6, ds += 6) {
+            if (!rows[r]) {
+                memset(dm, 0, 6);
+                memset(ds, 0, 6);
+                continue;
+            }
+            const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)rows[r]), split);
+            _mm_storel_epi64((__m128i *)dm, v);
+            _mm_storel_epi64((__m128i *)ds, _mm_unpackhi_epi64(v, v));
+        }
+    }
+}
 
 /* Byte-wise popcount by nibble lookup (vpshufb). */
 static inline TK_AVX2 __m256i popcount_bytes(__m256i x, __m256i lut, __m256i low4) {

@@ -64,6 +64,12 @@ void tk_epilogue_ternary_avx512(const int32_t *acc, int64_t ldacc, int64_t nv, i
                                 const int32_t *lo, const int32_t *hi, uint8_t *out);
 #endif
 
+#if TK_HAVE_X86_PATHS
+/* Bit im2col of one voxel for 3-wide rows (k_w = 3, dilation_w = 1) with Cb = 2 or 4; see
+ * tk_gemm_x86.c for the contract. */
+void tk_gather3_avx2(const uint8_t *const *rows, int64_t nrows, int64_t cb, uint8_t *dm, uint8_t *ds);
+#endif
+
 /* The micro-kernel and ternary epilogue of the currently selected path. */
 tk_gemm_fn tk_selected_gemm(void);
 tk_epilogue_fn tk_selected_epilogue(void);
