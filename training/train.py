@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--val-cases", type=int, default=d.val_cases, help="held-out cases validated per epoch")
     p.add_argument("--spacing", type=float, nargs=3, default=d.spacing, metavar=("X", "Y", "Z"),
                    help="model voxel spacing in mm")
+    p.add_argument("--phantom-shape", type=int, nargs=3, default=d.phantom_shape, metavar=("Z", "Y", "X"),
+                   help="phantom grid in voxels at the model spacing (default 128 128 128)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: torch default)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
@@ -92,7 +94,8 @@ def parse_args(argv=None):
                                       ("--batch-size", cfg.batch_size >= 1), ("--patch", min(cfg.patch) >= 4),
                                       ("--lr", cfg.lr > 0), ("--train-cases", cfg.train_cases >= 1),
                                       ("--val-cases", cfg.val_cases >= 0),
-                                      ("--spacing", min(cfg.spacing) > 0)] if not ok]
+                                      ("--spacing", min(cfg.spacing) > 0),
+                                      ("--phantom-shape", min(cfg.phantom_shape) >= 8)] if not ok]
     if problems:
         p.error(f"invalid value for {', '.join(problems)}")
     if cfg.data != "phantom" and not (cfg.data.startswith("msd:") or cfg.data.startswith("nih:")):
