@@ -197,7 +197,7 @@ def train(cfg):
         f"spacing {cfg.spacing} mm, variant {cfg.variant}, {world} process(es) on {device}")
     loading = Progress(len(train_idx), "loading", enabled=rank == 0)
     volumes = load_volumes(cfg.data, train_idx, cfg.spacing, cfg.hu_window, cfg.phantom_shape,
-                           progress=loading.update)
+                           progress=lambda done, total: loading.update(done))
     val_volumes = load_volumes(cfg.data, val_idx, cfg.spacing, cfg.hu_window, cfg.phantom_shape) if rank == 0 else []
 
     model = TernaryUNet(cfg.network()).to(device)
@@ -230,7 +230,7 @@ def train(cfg):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(it + 1, f"loss {np.mean(losses[-20:]):.4f}")
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
