@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,12 @@ def test_unloading_the_library_with_idle_openmp_threads_does_not_crash(cmake_lib
     result = subprocess.run([sys.executable, "-c", UNLOAD], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr)
+
+
+def test_slicer_module_cmake_lists_every_lib_file():
+    """slicerMacroBuildScriptedModule gets an explicit file list: every Lib module must be in it."""
+    root = Path(__file__).resolve().parents[1]
+    listed = (root / "TernarySegmentation" / "CMakeLists.txt").read_text()
+    lib = root / "TernarySegmentation" / "TernarySegmentationLib"
+    missing = [f.name for f in sorted(lib.glob("*.py")) if f"${{MODULE_NAME}}Lib/{f.name}" not in listed]
+    assert not missing, f"add to MODULE_PYTHON_SCRIPTS in TernarySegmentation/CMakeLists.txt: {missing}"
