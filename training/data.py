@@ -9,16 +9,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from TernarySegmentationLib.network import normalise_hu as _normalise_hu
+
 DEFAULT_HU_WINDOW = (-200.0, 300.0)
 PHANTOM_SHAPE = (128, 128, 128)       # (z, y, x) voxels at the model spacing: 256 mm at 2 mm
 VALIDATION_SEED_OFFSET = 100_000       # phantom seeds of held-out cases start here
 
 
 def normalise_hu(hu, hu_window=DEFAULT_HU_WINDOW):
-    """HU -> float32 in [-1, 1]: 2 (clip(HU, lo, hi) - lo) / (hi - lo) - 1 (the model file's rule)."""
-    lo, hi = hu_window
-    x = np.clip(np.asarray(hu, np.float32), lo, hi)
-    return ((x - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+    """HU -> float32 in [-1, 1], the model file's rule (the engine's own function, so training and
+    inference see bit-identical inputs)."""
+    return _normalise_hu(hu, hu_window)
 
 
 @dataclass
