@@ -31,8 +31,9 @@ compiled with the system C compiler and run on cores_used cores at once; without
 read from /proc/cpuinfo 'cpu MHz' (max over cores; under a hypervisor this is often the nominal TSC
 rate, not the boost clock), and without that a documented 3.49 GHz is used. --ghz overrides all.
 
-Results go to --out (JSON, default bench/kernels.json; bench/kernels_quick.json with --quick) and a
-Markdown table beside it (same name, .md). torch is imported only here, never by TernarySegmentationLib.
+Results go to --out (JSON; default bench/kernels.json, or build/bench/kernels_quick.json, which git
+ignores, with --quick) and a Markdown table beside it (same name, .md). torch is imported only
+here, never by TernarySegmentationLib.
 """
 
 import argparse
@@ -67,7 +68,11 @@ _CLOCK_C = r"""
 #include <stdint.h>
 #include <stdio.h>
 #include <time.h>
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
 int main(void) {
     double best = 0.0;
     for (int r = 0; r < 300; r++) { /* short trials, best of many: robust to time-sharing */
@@ -275,7 +280,8 @@ def markdown_table(results, threads, clock_info, limit):
     lines.append("")
     lines.append(f"{threads} thread(s); median of the timed runs; torch columns: the faster of NCDHW and "
                  f"channels_last_3d input; popcount limit = R {R_POPCOUNT} ternary MACs/cycle/core × "
-                 f"{limit['cores_used']} core(s) × {clock_info['ghz']:.2f} GHz = {limit['gmacs']:.0f} GMAC/s "
+                 f"{limit['cores_used']} core(s) × {clock_info['ghz']:.2f} GHz = "
+                 f"{limit['gmacs']:.0f} GMAC/s "
                  f"(clock: {clock_info['clock_source'].split(':')[0]}).")
     return "\n".join(lines)
 
@@ -292,7 +298,8 @@ def text_table(results):
         for name, t in layer["torch"].items():
             lines.append(f"{layer['layer']:<22} {name:<26} {1e3 * t['median_s']:>9.2f} {t['gmacs']:>8.1f}")
         status = "all identical" if all(layer["checks"].values()) else "MISMATCH"
-        lines.append(f"{'':<22} check: {status} ({'; '.join(k + ': ' + ('ok' if v else 'FAIL') for k, v in layer['checks'].items())})")
+        detail = "; ".join(f"{k}: {'ok' if v else 'FAIL'}" for k, v in layer["checks"].items())
+        lines.append(f"{'':<22} check: {status} ({detail})")
     return "\n".join(lines)
 
 
@@ -305,28 +312,35 @@ def parse_args(argv=None):
                     "(3x3x3, stride 1, C -> C channels, size^3 voxels), on the same thread count.")
     parser.add_argument("--threads", type=int, default=2, help="threads for every method (default 2)")
     parser.add_argument("--size", type=int, default=None,
-                        help=f"output voxels per axis (default {DEFAULTS['size']}; {QUICK['size']} with --quick)")
+                        help=f"output voxels per axis (default {DEFAULTS['size']}; "
+                             f"{QUICK['size']} with --quick)")
     parser.add_argument("--channels", type=int, nargs="+", default=None,
-                        help=f"channel counts C of the C -> C layers (default {' '.join(map(str, DEFAULTS['channels']))})")
+                        help="channel counts C of the C -> C layers (default "
+                             f"{' '.join(map(str, DEFAULTS['channels']))})")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed runs per method, median reported (default {DEFAULTS['repeats']})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"tiny smoke run: size {QUICK['size']}, channels {' '.join(map(str, QUICK['channels']))}, "
+                        help=f"tiny smoke run: size {QUICK['size']}, channels "
+                             f"{' '.join(map(str, QUICK['channels']))}, "
                              f"{QUICK['repeats']} repeats, portable path included")
-    parser.add_argument("--include-portable", action="store_true", help="also time the (slow) portable C path")
+    parser.add_argument("--include-portable", action="store_true",
+                        help="also time the (slow) portable C path")
     parser.add_argument("--torch-layout", choices=("both", "ncdhw", "channels_last"), default="both",
-                        help="torch input memory format(s) to time; the faster one is compared (default both)")
-    parser.add_argument("--ghz", type=float, default=None, help="core clock for the popcount limit (skip detection)")
+                        help="torch input memory format(s) to time; the faster one is compared "
+                             "(default both)")
+    parser.add_argument("--ghz", type=float, default=None,
+                        help="core clock for the popcount limit (skips detection)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON result file (default bench/kernels.json, bench/kernels_quick.json with "
-                             "--quick); the Markdown table goes beside it with suffix .md")
+                        help="JSON result file (default bench/kernels.json; with --quick "
+                             "build/bench/kernels_quick.json, which git ignores); the Markdown table goes "
+                             "beside it with suffix .md")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
     for key in ("size", "channels", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     if args.out is None:
-        args.out = REPO / "bench" / ("kernels_quick.json" if args.quick else "kernels.json")
+        args.out = REPO / ("build/bench/kernels_quick.json" if args.quick else "bench/kernels.json")
     if args.threads < 1 or args.size < 1 or args.repeats < 1 or min(args.channels) < 1:
         parser.error("--threads, --size, --repeats and --channels must be positive")
     return args
@@ -410,7 +424,8 @@ def main(argv=None):
         "settings": {"threads": args.threads, "size": args.size, "channels": args.channels,
                      "repeats": args.repeats, "quick": args.quick, "torch_layouts": layouts,
                      "statistic": "median of timed runs after one warm-up, interleaved across methods"},
-        "machine": {"cpu_model": cpu.get("model"), "cpu_flags": cpu.get("flags"), "os_cpu_count": os.cpu_count(),
+        "machine": {"cpu_model": cpu.get("model"), "cpu_flags": cpu.get("flags"),
+                    "os_cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "numpy": np.__version__, "torch": torch.__version__,
                     "torch_num_threads": torch.get_num_threads(),
@@ -433,7 +448,8 @@ def main(argv=None):
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(md + "\n")
     print()
-    print(f"outputs of {', '.join(paths)}: {'identical, and equal to thresholded torch fp32' if ok else 'MISMATCH (see checks)'}")
+    verdict = "identical, and equal to thresholded torch fp32" if ok else "MISMATCH (see checks)"
+    print(f"outputs of {', '.join(paths)}: {verdict}")
     print(f"wrote {out} and {out.with_suffix('.md')}; total {elapsed:.1f} s")
     return 0 if ok else 1
 
