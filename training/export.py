@@ -11,7 +11,6 @@ y = a * acc + b with a = s * alpha, b = t, acc the integer popcount sum; hard te
 
 import argparse
 import datetime
-import json
 import math
 import subprocess
 import sys
@@ -159,7 +158,8 @@ def load_run(run, checkpoint="best"):
     return model, cfg, state
 
 
-def export(run, output, checkpoint="best", overwrite=False, validation_dice=None, name=None):
+def export(run, output, checkpoint="best", overwrite=False, validation_dice=None, name=None, extra=None):
+    """Write the model file of a run; ``extra`` adds metadata keys (e.g. a held-out test Dice)."""
     from TernarySegmentationLib.model_file import write_model
 
     model, cfg, state = load_run(run, checkpoint)
@@ -184,6 +184,7 @@ def export(run, output, checkpoint="best", overwrite=False, validation_dice=None
         "intended_use": INTENDED_USE_PHANTOM if phantom else
         "Research use only; not a medical device; not for clinical decisions.",
     }
+    metadata.update(extra or {})
     preprocessing = {"model_spacing_mm": [float(v) for v in cfg.spacing],
                      "hu_window": [float(v) for v in cfg.hu_window], "orientation": "LPS"}
     return write_model(output, graph=graph, tensors=tensors, metadata=metadata,
