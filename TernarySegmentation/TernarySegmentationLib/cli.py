@@ -1,5 +1,11 @@
 """The ``ternaryseg`` command line.
 
+``ternaryseg CT -o MASK`` (or ``ternaryseg segment CT -o MASK``) segments the pancreas in a CT file
+(NIfTI, NRRD, MHA) or a DICOM series folder and writes the mask (NIfTI, NRRD, MHA or a Slicer
+``.seg.nrrd``) on the exact grid of the CT, through ``pipeline`` (the code path of the Slicer module
+too). Bad input ends with one line ``ternaryseg: error: ...`` and a non-zero exit code, never a
+traceback; an existing output is replaced only with ``--overwrite``.
+
 ``ternaryseg info`` prints the kernels library, the CPU paths and threads. ``ternaryseg demo`` runs
 the demo: until the trained model lands (training and inference issues), it runs a small ternary
 3D encoder-decoder with random weights through the popcount kernels on every CPU path, checks each
@@ -7,10 +13,15 @@ path bit for bit against the numpy reference and prints the speed.
 """
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 import numpy as np
+
+COMMANDS = ("segment", "info", "demo")
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _info(args):
@@ -87,11 +98,169 @@ def _network_macs(size, c):
                  + full * 3 * c * c + full * c * c)
 
 
+class ProgressBar:
+    """``progress(fraction, stage)`` as a bar on a stream: redrawn in place on a terminal, appended to
+    (no carriage returns) in a log file."""
+
+    def __init__(self, stream, width=30, label="segmenting"):
+        self.stream, self.width, self.label = stream, width, label
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.drawn = -1
+        self.start = time.perf_counter()
+
+    def __call__(self, fraction, stage):
+        filled = int(round(max(0.0, min(1.0, fraction)) * self.width))
+        if self.tty:
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%} {stage[:20]:<20}")
+        else:
+            if self.drawn < 0:
+                self.stream.write(f"{self.label} [")
+                self.drawn = 0
+            self.stream.write("#" * max(0, filled - self.drawn))
+        self.drawn = max(self.drawn, filled)
+        self.stream.flush()
+
+    def close(self):
+        if self.drawn >= 0 or self.tty:
+            seconds = time.perf_counter() - self.start
+            self.stream.write(f" {seconds:.1f} s\n" if self.tty else
+                              "#" * (self.width - self.drawn) + f"] {seconds:.1f} s\n")
+            self.stream.flush()
+
+
+def _peak_rss_text():
+    from .pipeline import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    return "unknown" if peak is None else f"{peak / 2**20:.0f} MB"
+
+
+def _segment(args):
+    from . import pipeline
+
+    def say(text):
+        if not args.quiet:
+            print(text, file=sys.stderr)
+
+    started = time.perf_counter()
+    timings = {}
+    outputs = [args.output] + ([args.probabilities] if args.probabilities else [])
+    for path in outputs:
+        pipeline.check_output_path(path, overwrite=args.overwrite)  # fail before any work
+    if args.probabilities:
+        if pipeline.output_suffix(args.probabilities) == ".seg.nrrd":
+            raise pipeline.InputError(f"{args.probabilities}: a probability map is not a segmentation; "
+                                      "write it as .nii.gz, .nii, .nrrd or .mha")
+        if os.path.abspath(args.probabilities) == os.path.abspath(args.output):
+            raise pipeline.InputError("--probabilities and -o name the same file")
+    for path in outputs:
+        if os.path.exists(args.ct) and os.path.exists(path) and os.path.samefile(args.ct, path):
+            raise pipeline.InputError(f"{path} is the input CT; choose another output name")
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pipeline.InputWarning)
+        image = pipeline.read_image(args.ct, series=args.series)
+    timings["read"] = time.perf_counter() - start
+    shown = set()
+    for warning in caught:
+        message = str(warning.message)
+        print(f"ternaryseg: warning: {message}", file=sys.stderr)
+        shown.add(message.split(": ", 1)[-1])
+    start = time.perf_counter()
+    model = pipeline.load_model(args.model)
+    timings["load model"] = time.perf_counter() - start
+    if args.verbose:
+        say(f"CT     : {args.ct}: size {image.GetSize()}, spacing "
+            f"{tuple(round(s, 4) for s in image.GetSpacing())} mm, {image.GetPixelIDTypeAsString()}")
+        say(f"model  : {model.metadata['name']} ({model.file_size} bytes), spacing "
+            f"{model.preprocessing['model_spacing_mm']} mm, HU window {model.preprocessing['hu_window']}")
+
+    bar = None if args.quiet else ProgressBar(sys.stderr)
+    try:
+        result = pipeline.segment(image, model, threads=args.threads, progress=bar,
+                                  largest_component=args.largest_component,
+                                  probabilities=bool(args.probabilities))
+    finally:
+        if bar is not None:
+            bar.close()
+    timings.update(result.timings)
+    for message in result.warnings:
+        if message not in shown:
+            print(f"ternaryseg: warning: {message}", file=sys.stderr)
+
+    start = time.perf_counter()
+    pipeline.write_image_atomic(result.labels, args.output, overwrite=args.overwrite, classes=model.classes)
+    if args.probabilities:
+        pipeline.write_image_atomic(result.probability, args.probabilities, overwrite=args.overwrite)
+    timings["write"] = time.perf_counter() - start
+    total = time.perf_counter() - started
+
+    voxels = int(np.count_nonzero(pipeline.sitk.GetArrayViewFromImage(result.labels)))
+    millilitres = voxels * float(np.prod(image.GetSpacing())) / 1000
+    if args.verbose:
+        say(f"region : {result.region.size} voxels of the model grid, origin "
+            f"{tuple(round(o, 2) for o in result.region.origin)} mm")
+        for stage, seconds in timings.items():
+            say(f"  {stage:<12s} {seconds:7.2f} s")
+        say(f"  {'total':<12s} {total:7.2f} s, peak memory (RSS) {_peak_rss_text()}")
+    if not args.quiet:
+        name = model.classes[1] if len(model.classes) == 2 else "foreground"
+        print(f"wrote {args.output}: {name} {voxels} voxels, {millilitres:.1f} ml"
+              + (f"; probabilities {args.probabilities}" if args.probabilities else "")
+              + f" ({total:.1f} s)")
+    return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _add_segment_arguments(parser):
+    parser.add_argument("ct", metavar="CT",
+                        help="CT file (.nii, .nii.gz, .nrrd, .mha) or DICOM series folder")
+    parser.add_argument("-o", "--output", metavar="MASK", required=True,
+                        help="mask to write: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd (Slicer segmentation)")
+    parser.add_argument("--model", metavar="FILE", help="model file (default: the shipped model)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N", help="threads (default: all cores)")
+    parser.add_argument("--probabilities", metavar="FILE",
+                        help="also write the pancreas probability (float32, 0..1) to FILE")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep only the largest connected component (off by default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder with several")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and warnings")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="print the time per stage and the peak memory")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="ternaryseg", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "segment")  # the bare form: ternaryseg CT -o MASK
+    parser = argparse.ArgumentParser(
+        prog="ternaryseg", description="Pancreas segmentation in abdominal CT on the CPU with a ternary "
+        "(popcount) network.",
+        usage="ternaryseg CT -o MASK [options]\n       ternaryseg {segment,info,demo} ...",
+        epilog="`ternaryseg CT -o MASK` is short for `ternaryseg segment CT -o MASK`; "
+        "`ternaryseg segment -h` lists its options.")
+    parser.add_argument("--version", action="version", version=f"ternaryseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="show the kernels library, CPU paths and threads")
-    demo = sub.add_parser("demo", help="run the demo (see the README)")
+    segment = sub.add_parser("segment", prog="ternaryseg",
+                             help="segment a CT: ternaryseg [segment] CT -o MASK")
+    _add_segment_arguments(segment)
+    sub.add_parser("info", prog="ternaryseg info", help="show the kernels library, CPU paths and threads")
+    demo = sub.add_parser("demo", prog="ternaryseg demo", help="run the demo (see the README)")
     demo.add_argument("--size", type=int, default=96, help="voxels per axis (default 96)")
     demo.add_argument("--channels", type=int, default=16, help="base channels (default 16)")
     demo.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
@@ -100,11 +269,38 @@ def main(argv=None):
     if args.command == "demo" and (args.size < 2 or args.channels < 1 or
                                    (args.threads is not None and args.threads < 1)):
         parser.error("--size must be >= 2, --channels >= 1 and --threads >= 1")
+    if args.command != "segment":
+        try:
+            return {"info": _info, "demo": _demo}[args.command](args)
+        except ImportError as error:
+            print(f"ternaryseg: {error}", file=sys.stderr)
+            return 2
     try:
-        return {"info": _info, "demo": _demo}[args.command](args)
+        from . import pipeline
+        from .model_file import ModelFileError
     except ImportError as error:
-        print(f"ternaryseg: {error}", file=sys.stderr)
-        return 2
+        print(f"ternaryseg: error: {error} (segmenting needs numpy, cffi and SimpleITK: "
+              "pip install SimpleITK)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return _segment(args)
+    except KeyboardInterrupt:
+        print("\nternaryseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("ternaryseg: error: not enough memory", file=sys.stderr)
+        return EXIT_ERROR
+    except (pipeline.InputError, ModelFileError, OSError, ImportError) as error:
+        # OSError: FileExistsError (no --overwrite), FileNotFoundError, unwritable folders, a full disk
+        print(f"ternaryseg: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(error):
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    return text
 
 
 if __name__ == "__main__":
