@@ -156,10 +156,10 @@ def test_warns_about_images_that_are_not_ct(files, tmp_path, capsys):
 def test_real_process_exit_codes_and_no_traceback(files, tmp_path):
     command = [sys.executable, "-m", "TernarySegmentationLib.cli"]
     ok = subprocess.run(command + [str(files["ct"]), "-o", str(tmp_path / "m.nii.gz"), "--model",
-                                   str(files["threshold"])], capture_output=True, text=True, timeout=120)
+                                   str(files["threshold"])], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(command + [str(tmp_path / "nothing.nii"), "-o", str(tmp_path / "x.nii.gz")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip() == f"ternaryseg: error: {tmp_path / 'nothing.nii'}: no such file or folder"
 

@@ -40,7 +40,7 @@ pytestmark = [
 
 
 def _run(cmd, **kwargs):
-    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", **kwargs)
     if result.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -135,7 +135,7 @@ def test_unloading_the_library_with_idle_openmp_threads_does_not_crash(cmake_lib
     env = dict(os.environ, TERNARYSEG_KERNELS_LIB=cmake_library, OMP_WAIT_POLICY="active")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run([sys.executable, "-c", UNLOAD], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr)
 
 

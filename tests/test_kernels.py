@@ -874,7 +874,7 @@ def _run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if k != "TERNARYSEG_KERNEL_PATH"}
     full_env.update(env)
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_missing_library_import_error_says_how_to_build():

@@ -345,7 +345,7 @@ else:
 print("ok")
 """
     env = dict(os.environ, TERNARYSEG_KERNELS_LIB=str(tmp_path / "missing.so"))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
@@ -353,7 +353,7 @@ print("ok")
 def test_library_modules_never_import_torch():
     script = ("import sys, TernarySegmentationLib.model_file, TernarySegmentationLib.network, "
               "TernarySegmentationLib.kernels; assert 'torch' not in sys.modules; print('ok')")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

@@ -520,7 +520,7 @@ def test_ct_sized_volume_in_bounded_memory(tmp_path):
     model = write_random_model(tmp_path / "m.tsm", spacing=2.0, base=4)
     out = subprocess.run([sys.executable, "-m", "TernarySegmentationLib.pipeline", "--memory-check",
                           "--model", str(model), "--threads", "2"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["size"] == [512, 512, 600]

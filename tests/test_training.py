@@ -68,9 +68,9 @@ def test_bad_arguments_are_named():
 def test_export_and_evaluate_cli(trained_run, tmp_path):
     model = tmp_path / "model.tsm"
     cmd = [sys.executable, "-m", "training.export", str(trained_run), "-o", str(model)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert again.returncode != 0 and "exist" in again.stderr  # never overwrites without --overwrite
     from TernarySegmentationLib.model_file import read_model
 
@@ -80,7 +80,7 @@ def test_export_and_evaluate_cli(trained_run, tmp_path):
     for target in (trained_run, model):
         done = subprocess.run([sys.executable, "-m", "training.evaluate", str(target), "--cases", "2",
                                "--phantom-shape", "32", "32", "32", "--out", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
         assert done.returncode == 0, done.stderr
         result = json.loads(out.read_text())
         assert result["n"] == 2 and 0.0 <= result["mean"] <= 1.0
@@ -92,7 +92,7 @@ def test_distributed_data_parallel_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train", "--out", str(run), "--epochs", "1", "--iters-per-epoch", "2", *TINY]
     cmd[cmd.index("--threads") + 1] = "1"  # one thread per process on the 2 cores
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "2 process(es)" in done.stdout
     assert len(history(run)) == 1 and np.isfinite(history(run)[0]["loss"])

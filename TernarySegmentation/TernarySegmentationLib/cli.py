@@ -6,10 +6,13 @@
 too). Bad input ends with one line ``ternaryseg: error: ...`` and a non-zero exit code, never a
 traceback; an existing output is replaced only with ``--overwrite``.
 
-``ternaryseg info`` prints the kernels library, the CPU paths and threads. ``ternaryseg demo`` runs
-the demo: until the trained model lands (training and inference issues), it runs a small ternary
-3D encoder-decoder with random weights through the popcount kernels on every CPU path, checks each
-path bit for bit against the numpy reference and prints the speed.
+``ternaryseg demo [--out DIR]`` makes a synthetic abdominal CT (a phantom on a clinical 0.8 x 0.8 x
+2 mm grid), segments it with the shipped model through the same pipeline, and writes the CT, the
+mask and a PNG of three slices with the contours; it prints Dice against the phantom's truth, the
+time per stage and the peak memory (``demo``). ``ternaryseg demo --kernels`` instead runs a small
+ternary 3D encoder-decoder with random weights through the popcount kernels on every CPU path,
+checks each path bit for bit against the numpy reference and prints the speed.
+``ternaryseg info`` prints the kernels library, the CPU paths and threads.
 """
 
 import argparse
@@ -62,7 +65,7 @@ def _run_network(ops, first, net, packed, x, threads):
     return conv("out", h3)
 
 
-def _demo(args):
+def _demo_kernels(args):
     from . import kernels, reference
 
     rng = np.random.default_rng(args.seed)
@@ -89,6 +92,46 @@ def _demo(args):
               f"{'bit-identical to the numpy reference' if same else 'MISMATCH with the reference'}")
         if not same:
             return 1
+    return 0
+
+
+def _demo(args):
+    from . import demo
+
+    bars = []
+
+    def progress(fraction, stage):  # the bar starts (and its clock runs) when segmenting starts
+        if not bars:
+            bars.append(ProgressBar(sys.stdout))
+        bars[0](fraction, stage)
+
+    try:
+        result = demo.run_demo(args.out, model=args.model, threads=args.threads, seed=args.seed,
+                               shape=tuple(args.phantom_shape or demo.DEMO_SHAPE),
+                               spacing=tuple(args.phantom_spacing or demo.DEMO_SPACING),
+                               overwrite=args.overwrite, progress=progress, log=print)
+    finally:
+        for bar in bars:
+            bar.close()
+    for message in result.warnings:
+        print(f"ternaryseg: warning: {message}", file=sys.stderr)
+    paths = result.paths
+    print(f"model: {result.model_name}")
+    print("time per stage:")
+    for stage, seconds in result.timings.items():
+        note = {"make phantom": "  (demo only)", "write CT": "  (demo only)", "figure": "  (demo only)"}
+        print(f"  {stage:<13s} {seconds:7.2f} s{note.get(stage, '')}")
+    print(f"  {'segmenting':<13s} {result.segment_seconds:7.2f} s  (read .. write, as "
+          "`ternaryseg CT -o MASK`)")
+    print(f"  {'total':<13s} {result.total_seconds:7.2f} s")
+    peak = "unknown" if result.peak_rss_bytes is None else f"{result.peak_rss_bytes / 2**20:.0f} MB"
+    scope = "while segmenting" if result.peak_rss_scope == "segmenting" else "of the process"
+    print(f"peak memory (RSS) {scope}: {peak}")
+    print(f"Dice against the phantom's truth: {result.dice:.3f} (network {result.network_ml:.1f} ml, "
+          f"truth {result.truth_ml:.1f} ml)")
+    print(f"wrote {paths['ct']}, {paths['mask']}, {paths['png']}")
+    print(f"  {paths['png'].name}: axial, coronal and sagittal slices through the pancreas, window "
+          f"[{demo.WINDOW_HU[0]:g}, {demo.WINDOW_HU[1]:g}] HU; orange: the network, blue: the truth")
     return 0
 
 
@@ -242,8 +285,80 @@ def _add_segment_arguments(parser):
                            help="print the time per stage and the peak memory")
 
 
+def _add_demo_arguments(sub):
+    from .demo import DEFAULT_OUT, DEMO_SEED
+
+    demo = sub.add_parser(
+        "demo", prog="ternaryseg demo", help="segment a synthetic CT and show the result (see the README)",
+        usage="ternaryseg demo [--out DIR] [--threads N] [--seed S] [--model FILE] [--overwrite]\n"
+              "       ternaryseg demo --kernels [--size N] [--channels C] [--threads N] [--seed S]",
+        description="Make a synthetic abdominal CT (a phantom on a 0.8 x 0.8 x 2 mm grid), segment it with "
+                    "the model as `ternaryseg CT -o MASK` would, write DIR/phantom_ct.nii.gz, "
+                    "DIR/pancreas_mask.nii.gz and DIR/demo.png, and print Dice against the phantom's "
+                    "truth, the time per stage and the peak memory.")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help=f"folder for the three files (default ./{DEFAULT_OUT}; created if missing)")
+    demo.add_argument("--threads", type=_positive_int, metavar="N", help="threads (default: all cores)")
+    demo.add_argument("--seed", type=_seed, metavar="S", default=None,
+                      help=f"phantom case (default {DEMO_SEED}, not used in training); with --kernels the "
+                           "random network (default 0)")
+    demo.add_argument("--model", metavar="FILE", help="model file (default: the shipped model)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo")
+    demo.add_argument("--kernels", action="store_true",
+                      help="instead time the popcount kernels on every CPU path with a small random ternary "
+                           "network and check them against the numpy reference")
+    demo.add_argument("--size", type=int, default=None, metavar="N",
+                      help="--kernels: voxels per axis (default 96)")
+    demo.add_argument("--channels", type=int, default=None, metavar="C",
+                      help="--kernels: base channels (default 16)")
+    # for tests: a smaller phantom grid
+    demo.add_argument("--phantom-shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                      help=argparse.SUPPRESS)
+    demo.add_argument("--phantom-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                      help=argparse.SUPPRESS)
+    return demo
+
+
+def _check_demo_arguments(parser, args):
+    from .demo import DEFAULT_OUT, DEMO_SEED
+
+    if args.kernels:
+        given = [name for name in ("out", "model", "phantom_shape", "phantom_spacing")
+                 if getattr(args, name) is not None] + (["overwrite"] if args.overwrite else [])
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} does not go with --kernels")
+        args.size = 96 if args.size is None else args.size
+        args.channels = 16 if args.channels is None else args.channels
+        args.seed = 0 if args.seed is None else args.seed
+        if args.size < 2 or args.channels < 1:
+            parser.error("--size must be >= 2 and --channels >= 1")
+        return
+    if args.size is not None or args.channels is not None:
+        parser.error("--size and --channels go with --kernels")
+    if args.phantom_shape is not None and min(args.phantom_shape) < 2:
+        parser.error("--phantom-shape needs 3 sizes >= 2")
+    if args.phantom_spacing is not None and not all(0 < s < 100 for s in args.phantom_spacing):
+        parser.error("--phantom-spacing needs 3 spacings in (0, 100) mm")
+    args.out = DEFAULT_OUT if args.out is None else args.out
+    args.seed = DEMO_SEED if args.seed is None else args.seed
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def main(argv=None):
     from . import __version__
+
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal must not crash on "±" or "×"
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
@@ -260,18 +375,13 @@ def main(argv=None):
                              help="segment a CT: ternaryseg [segment] CT -o MASK")
     _add_segment_arguments(segment)
     sub.add_parser("info", prog="ternaryseg info", help="show the kernels library, CPU paths and threads")
-    demo = sub.add_parser("demo", prog="ternaryseg demo", help="run the demo (see the README)")
-    demo.add_argument("--size", type=int, default=96, help="voxels per axis (default 96)")
-    demo.add_argument("--channels", type=int, default=16, help="base channels (default 16)")
-    demo.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = _add_demo_arguments(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo" and (args.size < 2 or args.channels < 1 or
-                                   (args.threads is not None and args.threads < 1)):
-        parser.error("--size must be >= 2, --channels >= 1 and --threads >= 1")
-    if args.command != "segment":
+    if args.command == "demo":
+        _check_demo_arguments(demo, args)
+    if args.command == "info" or (args.command == "demo" and args.kernels):
         try:
-            return {"info": _info, "demo": _demo}[args.command](args)
+            return _info(args) if args.command == "info" else _demo_kernels(args)
         except ImportError as error:
             print(f"ternaryseg: {error}", file=sys.stderr)
             return 2
@@ -283,7 +393,7 @@ def main(argv=None):
               "pip install SimpleITK)", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return _segment(args)
+        return _segment(args) if args.command == "segment" else _demo(args)
     except KeyboardInterrupt:
         print("\nternaryseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

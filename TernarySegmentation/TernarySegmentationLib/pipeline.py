@@ -738,7 +738,16 @@ def _publish_without_replacing(temporary, path):
 # ------------------------------------------------------------------------------------ memory check
 
 def peak_rss_bytes():
-    """Peak resident set size of this process so far (None where the resource module is missing)."""
+    """Peak resident set size of this process, in bytes: VmHWM where /proc has it (Linux, where
+    ``ru_maxrss`` also holds the peak of the process this one was forked from), else ``ru_maxrss``
+    (None where neither exists)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:
