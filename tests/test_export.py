@@ -21,7 +21,6 @@ def randomised_model(variant, base=8, seed=0):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm3d):
-                n = module.num_features
                 module.running_mean.normal_(0, 3)
                 module.running_var.uniform_(2, 30)
                 module.weight.normal_(0.8, 0.6)

@@ -826,7 +826,6 @@ def test_c_api_rejects_bad_arguments():
 
     _, x = rand_map(rng_for("c-api"), (3, 3, 3), 8, 0.3)
     words = K.pack_weights(np.ones((8, 8, 3, 3, 3), np.int8)).words
-    thr = np.zeros(8, np.int32)
     out = np.full(27 * 8, 7, np.int32)
     ptr = lambda ctype, a: ffi.cast(ctype, ffi.from_buffer(a))  # noqa: E731
 

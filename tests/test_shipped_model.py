@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
-
 from TernarySegmentationLib.model_file import model_sizes, read_model
 from TernarySegmentationLib.network import TernaryNetwork, normalise_hu
 

@@ -10,19 +10,19 @@ message says what is wrong and where for any malformed file. The writer builds t
 runs the reader's own validation on it before writing it atomically, so a file it writes always reads.
 """
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+
+from . import _atomic
 
 MAGIC = b"TSEGMDL\0"
 FORMAT_VERSION = 1
@@ -769,44 +769,9 @@ def write_model(path, *, graph, tensors, metadata, preprocessing, classes, overw
     temporary file in the same directory, flushed to disk, then moved into place, so a reader never
     sees a partial file and nothing is left behind on failure.
     """
-    path = os.fspath(path)
-    if not overwrite and os.path.lexists(path):
-        raise _exists(path)
     data = encode_model(graph=graph, tensors=tensors, metadata=metadata, preprocessing=preprocessing,
                         classes=classes)
-    directory, base = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _publish_without_replacing(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    return len(data)
-
-
-def _publish_without_replacing(temporary, path):
-    try:
-        os.link(temporary, path)  # atomic and never replaces: fails if path appeared meanwhile
-    except FileExistsError:
-        raise _exists(path) from None
-    except OSError:
-        # A file system without hard links: check, then rename (a narrow race remains).
-        if os.path.lexists(path):
-            raise _exists(path) from None
-        os.replace(temporary, path)
-
-
-def _exists(path):
-    return FileExistsError(f"{path!r} already exists; write_model does not replace a file unless "
-                           "overwrite=True")
+    return _atomic.write_bytes(path, data, overwrite, what="a model file")
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -37,7 +37,6 @@ import contextlib
 import gzip
 import math
 import os
-import secrets
 import struct
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from . import _atomic
 from .model_file import ModelFileError, read_model  # ModelFileError: re-exported for callers
 from .network import Cancelled, TernaryNetwork, normalise_hu
 
@@ -635,8 +635,7 @@ def check_output_path(path, overwrite=False):
     if os.path.isdir(path):
         raise InputError(f"{path}: is a folder; give a file name")
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; it is replaced only with overwrite=True "
-                              "(--overwrite)")
+        raise _atomic.exists_error(path)
     return suffix
 
 
@@ -697,8 +696,7 @@ def write_image_atomic(image, path, overwrite=False, classes=("background", "pan
         image = sitk.Image(image)  # a copy to carry the metadata
         for key, value in segment_metadata(image, classes).items():
             image.SetMetaData(key, value)
-    folder, base = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp{suffix}")
+    temporary = _atomic.temporary_path(path, suffix)
     try:
         writer = sitk.ImageFileWriter()
         writer.SetFileName(temporary)
@@ -712,27 +710,11 @@ def write_image_atomic(image, path, overwrite=False, classes=("background", "pan
             os.fsync(fd)
         finally:
             os.close(fd)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            _publish_without_replacing(temporary, path)
+        _atomic.publish(temporary, path, overwrite)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return path
-
-
-def _publish_without_replacing(temporary, path):
-    try:
-        os.link(temporary, path)  # atomic, and fails instead of replacing a file that appeared
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; it is replaced only with overwrite=True "
-                              "(--overwrite)") from None
-    except OSError:
-        if os.path.lexists(path):  # no hard links here: check, then rename (a narrow race remains)
-            raise FileExistsError(f"{path} already exists; it is replaced only with overwrite=True "
-                                  "(--overwrite)") from None
-        os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------ memory check
@@ -827,6 +809,4 @@ __all__ = ["InputError", "InputWarning", "Cancelled", "Grid", "Result", "read_im
            "check_output_path", "write_image_atomic", "segment_metadata", "ModelFileError"]
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(_main())

@@ -7,13 +7,13 @@ or 2 = RGB, compression 0, filter method 0, interlace 0), one IDAT holding the z
 scanlines, each prefixed with its filter byte 0 (none), and an empty IEND.
 """
 
-import contextlib
 import os
-import secrets
 import struct
 import zlib
 
 import numpy as np
+
+from . import _atomic
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (0 greyscale, 2 RGB)
@@ -43,33 +43,8 @@ def encode_png(pixels, level=6):
 def write_png(path, pixels, overwrite=False):
     """Write ``encode_png(pixels)`` to ``path`` atomically (temporary file + rename); an existing
     file is replaced only with ``overwrite`` (FileExistsError otherwise). Returns the path."""
-    path = os.fspath(path)
-    data = encode_png(pixels)
-    if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f"{path} already exists; it is replaced only with overwrite=True (--overwrite)")
-    folder, base = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(temporary, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)  # atomic, and never replaces a file that appeared meanwhile
-            except OSError as error:
-                # FileExistsError: it appeared meanwhile; otherwise no hard links here: check, then
-                # rename (a narrow race remains)
-                if isinstance(error, FileExistsError) or os.path.lexists(path):
-                    raise FileExistsError(f"{path} already exists; it is replaced only with "
-                                          "overwrite=True (--overwrite)") from None
-                os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    return path
+    _atomic.write_bytes(path, encode_png(pixels), overwrite)
+    return os.fspath(path)
 
 
 __all__ = ["encode_png", "write_png"]
