@@ -54,6 +54,8 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from TernarySegmentationLib.pipeline import _nifti_data_end  # one NIfTI header parser
+
 MODEL_SPACING_MM = (2.0, 2.0, 2.0)
 AIR_HU = -1024.0
 
@@ -187,30 +189,6 @@ def _read_header(name, path, what) -> sitk.ImageFileReader:
     return reader
 
 
-def _nifti_expected_bytes(header: bytes):
-    """Bytes a single-file NIfTI-1/-2 (.nii) holds up to its last voxel, from its header; None if unknown."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            if header[344:347] != b"n+1":
-                return None
-            dim = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = max(352, int(struct.unpack(order + "f", header[108:112])[0]))
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            if header[4:7] != b"n+2":
-                return None
-            dim = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            offset = max(544, struct.unpack(order + "q", header[168:176])[0])
-            break
-    else:
-        return None
-    if not 1 <= dim[0] <= 7:
-        return None
-    return offset + math.prod(dim[1:dim[0] + 1]) * bitpix // 8
-
-
 def _check_nifti_complete(name, path, what):
     """A truncated .nii or .nii.gz is read by ITK without complaint (the missing voxels come back as zeros),
     so the file's length is checked against its header. For .nii.gz the gzip trailer holds the length
@@ -223,11 +201,11 @@ def _check_nifti_complete(name, path, what):
             compressed = f.read(2) == b"\x1f\x8b"     # by content: ITK reads a misnamed file either way
         if not compressed:
             with open(path, "rb") as f:
-                expected = _nifti_expected_bytes(f.read(544))
+                expected = _nifti_data_end(f.read(544))
             actual = path.stat().st_size
         else:
             with gzip.open(path, "rb") as f:
-                expected = _nifti_expected_bytes(f.read(544))
+                expected = _nifti_data_end(f.read(544))
             if expected is None:
                 return
             with open(path, "rb") as f:
