@@ -9,23 +9,9 @@ from TernarySegmentationLib.model_file import model_sizes, read_model, write_mod
 from TernarySegmentationLib.network import TernaryNetwork
 from training.data import normalise_hu
 from training.export import model_arrays
-from training.network import NetworkConfig, TernaryUNet
 from training.phantom import make_phantom
 
-
-def randomised_model(variant, base=8, seed=0):
-    """A network in eval mode with random batch-norm statistics and affine parameters (some
-    negative scales, so the export must flip filters)."""
-    torch.manual_seed(seed)
-    model = TernaryUNet(NetworkConfig(variant=variant, base_channels=base))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm3d):
-                module.running_mean.normal_(0, 3)
-                module.running_var.uniform_(2, 30)
-                module.weight.normal_(0.8, 0.6)
-                module.bias.normal_(0, 0.7)
-    return model.eval()
+from tests._models import randomised_model
 
 
 @pytest.fixture(scope="module")

@@ -29,21 +29,11 @@ CLASSES = ["background", "pancreas"]
 
 def write_random_model(path, spacing=4.0, base=8, seed=0):
     """A randomised TernaryUNet (random batch-norm statistics, as in test_export) exported to a file."""
-    import torch
-
+    from tests._models import randomised_model
     from training.export import model_arrays
-    from training.network import NetworkConfig, TernaryUNet
 
-    torch.manual_seed(seed)
-    model = TernaryUNet(NetworkConfig(base_channels=base))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm3d):
-                module.running_mean.normal_(0, 3)
-                module.running_var.uniform_(2, 30)
-                module.weight.normal_(0.8, 0.6)
-                module.bias.normal_(0, 0.7)
-    graph, tensors = model_arrays(model.eval())
+    model = randomised_model(base=base, seed=seed)
+    graph, tensors = model_arrays(model)
     write_model(path, graph=graph, tensors=tensors, metadata=METADATA, classes=CLASSES,
                 preprocessing={"model_spacing_mm": [spacing] * 3, "hu_window": list(HU_WINDOW),
                                "orientation": "LPS"})

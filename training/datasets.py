@@ -41,11 +41,9 @@ Problems with the data raise ``DatasetError`` (a ValueError) whose message names
 from __future__ import annotations
 
 import fnmatch
-import gzip
 import math
 import os
 import re
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +52,7 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from TernarySegmentationLib.pipeline import _nifti_data_end  # one NIfTI header parser
+from TernarySegmentationLib.pipeline import nifti_truncation  # one truncated-NIfTI check
 
 MODEL_SPACING_MM = (2.0, 2.0, 2.0)
 AIR_HU = -1024.0
@@ -197,29 +195,11 @@ def _check_nifti_complete(name, path, what):
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         return
     try:
-        with open(path, "rb") as f:
-            compressed = f.read(2) == b"\x1f\x8b"     # by content: ITK reads a misnamed file either way
-        if not compressed:
-            with open(path, "rb") as f:
-                expected = _nifti_data_end(f.read(544))
-            actual = path.stat().st_size
-        else:
-            with gzip.open(path, "rb") as f:
-                expected = _nifti_data_end(f.read(544))
-            if expected is None:
-                return
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                actual = struct.unpack("<I", f.read(4))[0]
-            if actual == expected % (1 << 32):
-                return
-            actual = 0
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
+        truncated = nifti_truncation(path)
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"case {name}: cannot read {what} file {path}: {e}") from None
-    if expected is not None and actual < expected:
+    if truncated:
+        actual, expected, _ = truncated
         raise DatasetError(f"case {name}: cannot read {what} file {path}: truncated, {actual} bytes of "
                            f"{expected} (uncompressed)")
 

@@ -214,34 +214,42 @@ def _sitk_message(error):
     return lines[-1] if lines else type(error).__name__
 
 
-def _check_nifti_length(path):
+def nifti_truncation(path):
     """ITK reads a truncated .nii or .nii.gz without complaint (missing voxels become 0), so the length
     is checked against the header: for .nii.gz the gzip trailer holds it (mod 2**32); only when that
-    disagrees is the stream decompressed and counted."""
+    disagrees is the stream decompressed and counted. Returns None when the file is complete (or not
+    a single-file NIfTI), else (bytes present, bytes expected, compressed). Read errors propagate
+    (OSError, EOFError, zlib.error). Files are recognised by content: ITK reads a misnamed one too."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as f:
+        expected = _nifti_data_end(f.read(544))
+    if expected is None:
+        return None
+    if not compressed:
+        actual = os.path.getsize(path)
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", f.read(4))[0] == expected % (1 << 32):
+                return None
+        actual = 0
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                actual += len(chunk)
+    return (actual, expected, compressed) if actual < expected else None
+
+
+def _check_nifti_length(path):
     if not path.lower().endswith((".nii", ".nii.gz")):
         return
     try:
-        with open(path, "rb") as f:
-            compressed = f.read(2) == b"\x1f\x8b"
-        opener = gzip.open if compressed else open
-        with opener(path, "rb") as f:
-            expected = _nifti_data_end(f.read(544))
-        if expected is None:
-            return
-        if not compressed:
-            actual = os.path.getsize(path)
-        else:
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                if struct.unpack("<I", f.read(4))[0] == expected % (1 << 32):
-                    return
-            actual = 0
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
+        truncated = nifti_truncation(path)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: cannot read it ({error})") from None
-    if actual < expected:
+    if truncated:
+        actual, expected, compressed = truncated
         raise InputError(f"{path}: the file is truncated ({actual} of {expected} bytes"
                          f"{' uncompressed' if compressed else ''})")
 
