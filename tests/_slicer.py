@@ -66,8 +66,8 @@ def load_module():
     _stub("qt", QTimer=object)
     _stub("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
     _stub("slicer.parameterNodeWrapper", parameterNodeWrapper=_identity, WithinRange=_WithinRange)
-    _stub("slicer.ScriptedLoadableModule", ScriptedLoadableModule=object,
-          ScriptedLoadableModuleWidget=object, ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
+    _stub("slicer.ScriptedLoadableModule", ScriptedLoadableModule=type("ScriptedLoadableModule", (), {}),
+          ScriptedLoadableModuleWidget=type("ScriptedLoadableModuleWidget", (), {}), ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
           ScriptedLoadableModuleTest=_ScriptedLoadableModuleTest)
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))

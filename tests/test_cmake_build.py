@@ -7,6 +7,7 @@ convolution against the numpy reference on every instruction-set path.
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,3 +147,15 @@ def test_slicer_module_cmake_lists_every_lib_file():
     lib = root / "TernarySegmentation" / "TernarySegmentationLib"
     missing = [f.name for f in sorted(lib.glob("*.py")) if f"${{MODULE_NAME}}Lib/{f.name}" not in listed]
     assert not missing, f"add to MODULE_PYTHON_SCRIPTS in TernarySegmentation/CMakeLists.txt: {missing}"
+
+
+def test_slicer_module_cmake_lists_exist_and_cover_the_resources():
+    """Every file the module's CMakeLists names exists (else the Slicer build fails), and every
+    resource file is installed (else the module cannot find it in an installed Slicer)."""
+    module = Path(__file__).resolve().parents[1] / "TernarySegmentation"
+    text = (module / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "TernarySegmentation")
+    listed = set(re.findall(r"^\s+((?:TernarySegmentation|Resources)[\w./-]*\.\w+)\s*$", text, re.M))
+    assert "TernarySegmentation.py" in listed and "Resources/UI/TernarySegmentation.ui" in listed
+    assert [name for name in sorted(listed) if not (module / name).is_file()] == []
+    resources = {str(p.relative_to(module)) for p in (module / "Resources").rglob("*") if p.is_file()}
+    assert sorted(resources - listed) == []
