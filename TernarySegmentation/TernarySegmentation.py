@@ -6,7 +6,6 @@ inference on a worker thread), Logic (``TernarySegmentationLogic().process(volum
 Python console and batch scripts) and Test (``Slicer --testing``).
 """
 
-import logging
 import os
 import pathlib
 import threading
