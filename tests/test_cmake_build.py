@@ -159,3 +159,47 @@ def test_slicer_module_cmake_lists_exist_and_cover_the_resources():
     assert [name for name in sorted(listed) if not (module / name).is_file()] == []
     resources = {str(p.relative_to(module)) for p in (module / "Resources").rglob("*") if p.is_file()}
     assert sorted(resources - listed) == []
+
+
+@pytest.fixture(scope="module")
+def extension_build(tmp_path_factory):
+    """The whole extension (top-level CMakeLists.txt) configured and built against a stand-in Slicer
+    (tests/fake_slicer: Slicer's macro checks and build-tree layout, no Slicer)."""
+    build = tmp_path_factory.mktemp("cmake-extension")
+    fake = os.path.join(ROOT, "tests", "fake_slicer")
+    _run(["cmake", "-S", ROOT, "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-DSlicer_DIR={fake}",
+          "-DBUILD_TESTING=ON"], timeout=300)
+    _run(["cmake", "--build", str(build), "--config", "Release", "--parallel", "2"], timeout=600)
+    return build
+
+
+def test_extension_builds_the_module_with_the_kernels_beside_the_lib(extension_build, tmp_path):
+    """In the module's build tree, with no compiler, pip or environment variable, the Lib loads the
+    CMake-built library with cffi, and the batch script segments a CT with the installed model."""
+    modules = extension_build / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+    lib = modules / "TernarySegmentationLib"
+    assert (lib / _library_name()).is_file()
+    for name in ("TernarySegmentation.py", "Resources/UI/TernarySegmentation.ui",
+                 "Resources/Models/pancreas-phantom-ternary.tsm", "TernarySegmentationLib/slicer_logic.py"):
+        assert (modules / name).is_file(), name
+    assert not list(lib.glob("_ternary_kernels*")), "the pip-built cffi module must not be in the build tree"
+    config = (extension_build / "fake-slicer-extension.txt").read_text()
+    assert "category=Segmentation" in config and "python_tests=TernarySegmentation.py" in config
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TERNARYSEG_KERNELS_LIB", "TERNARYSEG_KERNEL_PATH")}
+    check = ("import sys, TernarySegmentationLib.kernels as K, TernarySegmentationLib.pipeline as P; "
+             "print(K.LIBRARY_PATH); print(P.default_model_path())")
+    found = _run([sys.executable, "-c", check], cwd=str(modules), env=env, timeout=120).stdout.split()
+    assert os.path.samefile(found[0], lib / _library_name())
+    assert os.path.samefile(found[1], modules / "Resources" / "Models" / "pancreas-phantom-ternary.tsm")
+
+    ct = os.path.join(os.path.dirname(ROOT), "shared", "data", "ct", "example_ct_sm.nii.gz")
+    if not os.path.isfile(ct):
+        import SimpleITK as sitk
+
+        from TernarySegmentationLib.phantom import make_phantom
+        ct = str(tmp_path / "phantom.nii.gz")
+        sitk.WriteImage(make_phantom(7, shape=(32, 64, 64), spacing=(4.0, 4.0, 5.0)).to_sitk()[0], ct)
+    out = tmp_path / "out.seg.nrrd"
+    done = _run([sys.executable, str(lib / "batch.py"), "--input", ct, "--output", str(out)], env=env, timeout=300)
+    assert "1 case: 1 segmented" in done.stdout and out.is_file()

@@ -41,12 +41,15 @@ def _load():
     explicit = os.environ.get("TERNARYSEG_KERNELS_LIB")
     if explicit:
         return _dlopen(explicit), explicit
-    try:
-        from . import _ternary_kernels  # built by pip install . (cffi API mode)
+    # built by pip install . (cffi API mode); only from this folder, never found elsewhere by an
+    # import hook (an editable install's finder would otherwise answer for a Slicer build tree)
+    if any(name.startswith("_ternary_kernels.") for name in os.listdir(_HERE)):
+        try:
+            from . import _ternary_kernels
 
-        return (_ternary_kernels.ffi, _ternary_kernels.lib), _ternary_kernels.__file__
-    except ImportError:
-        pass
+            return (_ternary_kernels.ffi, _ternary_kernels.lib), _ternary_kernels.__file__
+        except ImportError:
+            pass
     for name in _shared_library_names():
         path = os.path.join(_HERE, name)
         if os.path.exists(path):

@@ -1,0 +1,1 @@
+# Stand-in for Slicer's extension packaging (nothing to package in the test).
