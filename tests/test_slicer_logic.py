@@ -4,6 +4,8 @@ The oracle is the ``ternaryseg`` command on the same file: the segment's labelma
 slicer.util (an independent path from the Logic's writer), must equal it voxel for voxel.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -265,7 +267,8 @@ def test_bad_outputs_and_model_give_clear_errors(scene, logic, phantom_file, tmp
 
 def test_model_is_cached_until_its_file_changes(logic, tmp_path):
     shipped = pipeline.default_model_path()
-    assert logic.loadNetwork() is logic.loadNetwork(shipped) is logic.loadNetwork("")
+    assert logic.loadNetwork() is logic.loadNetwork(shipped) is logic.loadNetwork("") \
+        is logic.loadNetwork(Path("")) is logic.loadNetwork(str(shipped))
     copy = tmp_path / "copy.tsm"
     copy.write_bytes(shipped.read_bytes())
     assert logic.loadNetwork(copy) is not logic.loadNetwork(shipped)

@@ -204,8 +204,10 @@ class SegmentationLogic:
     # -- model
     def loadNetwork(self, modelPath=None):
         """The network of ``modelPath`` (default, None or '': the shipped model), read and packed
-        once and reused while the file is unchanged. FileNotFoundError, ModelFileError."""
-        path = pipeline.default_model_path() if modelPath in (None, "", ".") else os.fspath(modelPath)
+        once and reused while the file is unchanged (a pathlib.Path('') from the GUI is '.': the
+        shipped model too). FileNotFoundError, ModelFileError."""
+        text = "" if modelPath is None else os.fspath(modelPath)
+        path = pipeline.default_model_path() if text in ("", ".") else text
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model file {path}: no such file")
         stat = os.stat(path)
