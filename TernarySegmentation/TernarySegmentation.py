@@ -26,7 +26,7 @@ from slicer.util import VTKObservationMixin
 from TernarySegmentationLib import pipeline
 from TernarySegmentationLib.slicer_logic import Cancelled, SegmentationLogic, image_to_volume, segment_id
 
-PHANTOM_SAMPLE = "TernarySegmentationPhantomCT"
+PHANTOM_SAMPLE = "PancreasPhantomCT"   # the Sample Data button's label
 MAX_THREADS = 256
 
 
@@ -57,7 +57,8 @@ volume.</p>
 <p><b>The shipped model is trained on synthetic phantoms only: it is a demonstration, not for clinical
 use.</b> To use a model trained on real CTs (see the training/ folder of the project), choose its
 <i>.tsm</i> file under Advanced, Model file.</p>
-<p>Try it: Sample Data module, TernarySegmentation, "Phantom CT", then Apply here.
+<p>Try it: Sample Data module, TernarySegmentation, "PancreasPhantomCT" (a synthetic CT made on this
+computer), then Apply here.
 Batch processing without the GUI: see the project README (TernarySegmentationLib/batch.py).</p>
 """)
         self.parent.acknowledgementText = _("""
@@ -78,16 +79,23 @@ def registerSampleData():
     import SampleData
 
     logic = SampleData.SampleDataLogic
-    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer 5.10+
+    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer 5.12+
         logic.registerCustomSampleDataCategory("TernarySegmentation", title=_("TernarySegmentation"))
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    # No file to download: the thumbnail button calls customDownloader, which makes the CT here.
+    # (SampleData.downloadSample() does not call it; scripts use TernarySegmentationLogic().loadPhantomCT().)
     logic.registerCustomSampleDataSource(
         category="TernarySegmentation",
         sampleName=PHANTOM_SAMPLE,
-        thumbnailFileName=os.path.join(iconsPath, f"{PHANTOM_SAMPLE}.png"),
+        thumbnailFileName=os.path.join(iconsPath, "TernarySegmentationPhantomCT.png"),
         uris=[], fileNames=[], nodeNames=[],
-        customDownloader=lambda source: TernarySegmentationLogic().loadPhantomCT(),
+        customDownloader=loadPhantomSample,
     )
+
+
+def loadPhantomSample(source=None):
+    """Sample Data's customDownloader: the phantom CT as a new volume node."""
+    return TernarySegmentationLogic().loadPhantomCT(name=PHANTOM_SAMPLE)
 
 
 #
@@ -194,7 +202,11 @@ class TernarySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolumeNode
-        if str(self._parameterNode.modelPath) in ("", "."):
+        model = self._parameterNode.modelPath
+        if str(model) in ("", ".") or not os.path.isfile(model):
+            if str(model) not in ("", "."):  # e.g. a scene saved with another installation's path
+                self.ui.statusLabel.text = _("Model file {path} not found: using the shipped model.").format(
+                    path=model)
             self._parameterNode.modelPath = _shippedModelPath()
 
     def setParameterNode(self, inputParameterNode) -> None:

@@ -4,17 +4,19 @@ handling, one case, a folder of cases with a bad one, and outputs equal to ``ter
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests import _slicer
 from tests.test_pipeline import write_dicom_series
 from TernarySegmentationLib import batch, cli
 from TernarySegmentationLib.phantom import make_phantom
 
-SCRIPT = _slicer.MODULE_DIR / "TernarySegmentationLib" / "batch.py"
+# the installed package's copy (the repository's, in an editable install): it has the built kernels
+SCRIPT = Path(batch.__file__)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def cases(tmp_path_factory):
 def run_script(*args, module=False):
     command = [sys.executable] + (["-m", "TernarySegmentationLib.batch"] if module else [str(SCRIPT)])
     return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(SCRIPT.parent.parent))
+                          cwd=tempfile.gettempdir())
 
 
 def ternaryseg_labels(source, tmp_path):
@@ -136,3 +138,14 @@ def test_find_cases(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "series").mkdir()
     assert [name for name, _ in batch.find_cases(tmp_path)] == ["a", "b", "c", "f", "series"]
+
+
+def test_an_unexpected_error_still_exits_with_status_1(monkeypatch, capsys):
+    """Slicer's --python-script does not quit on an uncaught error: the script must always exit."""
+    def broken(argv=None):
+        raise PermissionError("cannot list the folder")
+    monkeypatch.setattr(batch, "main", broken)
+    with pytest.raises(SystemExit) as stop:
+        batch.run_and_exit([])
+    assert stop.value.code == batch.EXIT_FAILED
+    assert "PermissionError: cannot list the folder" in capsys.readouterr().err

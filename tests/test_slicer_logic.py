@@ -282,3 +282,59 @@ def test_module_file_logic_and_self_test_run_on_slicer_core(scene):
     assert isinstance(logic, slicer_logic.SegmentationLogic)
     test = module.TernarySegmentationTest()
     test.runTest()
+
+
+def test_output_segmentation_must_store_labelmaps(scene, logic, phantom_file):
+    """A segmentation whose segments are closed surfaces (e.g. imported STL) is refused before any
+    work; an empty one is switched to binary labelmaps."""
+    volume = load_volume(phantom_file)
+    surfaces = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    surfaces.SetSourceRepresentationToClosedSurface()
+    sphere = slicer_logic.vtk.vtkSphereSource()
+    sphere.Update()
+    segment = slicer.vtkSegment()
+    segment.SetName("imported")
+    segment.AddRepresentation("Closed surface", sphere.GetOutput())
+    surfaces.GetSegmentation().AddSegment(segment)
+    with pytest.raises(pipeline.InputError, match="closed surfaces, not as a binary labelmap"):
+        logic.process(volume, surfaces)
+    assert surfaces.GetSegmentation().GetSegmentIDs() == (surfaces.GetSegmentation().GetNthSegmentID(0),)
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty surfaces")
+    empty.SetSourceRepresentationToClosedSurface()
+    logic.process(volume, empty)
+    assert empty.GetSegmentation().IsSourceRepresentationImageData()
+    assert np.count_nonzero(segment_array(empty, volume))
+
+
+def test_outputs_removed_while_running_are_not_written(scene, logic, phantom_file):
+    volume = load_volume(phantom_file)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "going away")
+    job = logic.prepare(volume)
+    job.run()                       # the GUI's worker thread
+    scene.RemoveNode(segmentation)  # meanwhile the user deletes the chosen output
+    with pytest.raises(pipeline.InputError, match="no longer in the scene"):
+        logic.apply(job, segmentation)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+    assert logic.apply(job).GetScene() is scene   # a new one still works
+
+
+def test_sample_data_registration_makes_the_phantom_here(scene, monkeypatch):
+    """registerSampleData passes SampleData what its SampleDataSource accepts (equal-length lists,
+    an existing thumbnail, a callable customDownloader); the downloader makes the phantom CT."""
+    import types
+
+    module = _slicer.load_module()
+    calls = []
+    fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kwargs: calls.append(kwargs)))
+    monkeypatch.setitem(__import__("sys").modules, "SampleData", fake)
+    module.registerSampleData()
+    (kwargs,) = calls
+    assert kwargs["sampleName"] == "PancreasPhantomCT"
+    assert len(kwargs["uris"]) == len(kwargs["fileNames"]) == len(kwargs["nodeNames"]) == 0
+    assert Path(kwargs["thumbnailFileName"]).is_file()
+    volume = kwargs["customDownloader"](object())
+    assert volume.GetName() == "PancreasPhantomCT"
+    assert slicer.util.arrayFromVolume(volume).shape == (100, 416, 416)
+    assert volume.GetSpacing() == pytest.approx((0.8, 0.8, 2.0))

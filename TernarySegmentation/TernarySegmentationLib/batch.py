@@ -224,5 +224,20 @@ def main(argv=None, out=None):
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def run_and_exit(argv=None):
+    """main() for a script: any unexpected error becomes exit status 1 with its traceback, so that a
+    headless Slicer never stays open after a failure (--python-script does not quit on an error)."""
+    try:
+        code = main(argv)
+    except SystemExit:
+        raise
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_FAILED
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

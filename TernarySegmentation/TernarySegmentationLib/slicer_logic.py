@@ -251,6 +251,13 @@ class SegmentationLogic:
                 outputSegmentation.GetTransformNodeID() != inputVolume.GetTransformNodeID():
             raise InputError(f"the output segmentation {_node_label(outputSegmentation)} is under another "
                              "transform than the input volume; choose another segmentation or create a new one")
+        if outputSegmentation is not None:
+            segmentation = outputSegmentation.GetSegmentation()
+            if segmentation.GetNumberOfSegments() and not segmentation.IsSourceRepresentationImageData():
+                raise InputError(
+                    f"the output segmentation {_node_label(outputSegmentation)} stores its segments as "
+                    f"{segmentation.GetSourceRepresentationName().lower()}s, not as a binary labelmap; "
+                    "choose another segmentation or create a new one")
 
     def apply(self, job, outputSegmentation=None, probabilityVolume=None):
         """Write the job's result into MRML (main thread); returns the segmentation node."""
@@ -259,6 +266,10 @@ class SegmentationLogic:
         if scene is None:
             raise InputError(f"the input volume {_node_label(volume)} was removed from the scene")
         self.checkOutputs(volume, outputSegmentation, probabilityVolume)
+        for node in (outputSegmentation, probabilityVolume):  # e.g. deleted while the job ran
+            if node is not None and node.GetScene() is not scene:
+                raise InputError(f"the output {_node_label(node)} is no longer in the scene; choose another "
+                                 "output and apply again")
         if outputSegmentation is None:
             outputSegmentation = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volume.GetName()} segmentation"))
@@ -266,6 +277,8 @@ class SegmentationLogic:
             outputSegmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
             _place_beside(outputSegmentation, volume)
         outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        if not outputSegmentation.GetSegmentation().IsSourceRepresentationImageData():  # empty (checked)
+            outputSegmentation.SetSourceRepresentationToBinaryLabelmap()
 
         labels = sitk.GetArrayFromImage(job.result.labels)
         voxel_ml = float(np.prod(job.image.GetSpacing())) / 1000
