@@ -3,8 +3,9 @@
 ``scene()`` is the product's own headless recipe (slicer_logic.headless_scene). ``load_module()``
 imports TernarySegmentation/TernarySegmentation.py with minimal stand-ins for the parts of Slicer
 that slicer-core lacks (qt, slicer.i18n, slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper):
-enough to construct its Logic and run its Test class, not its Widget (the Widget is checked through
-its .ui file and source in tests/test_slicer_ui.py).
+enough to construct its Logic, run its Test class, and drive its Widget's run / cancel / error
+handling with stand-in widgets (the Widget's Qt side is checked through its .ui file and source in
+tests/test_slicer_ui.py).
 """
 
 import importlib
@@ -31,6 +32,16 @@ def _stub(name, **attributes):
     module.__dict__.update(attributes)
     sys.modules[name] = module
     return module
+
+
+class _ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class _ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
 
 
 class _ScriptedLoadableModuleLogic:
@@ -64,8 +75,8 @@ def load_module():
     _stub("qt", QTimer=object)
     _stub("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
     _stub("slicer.parameterNodeWrapper", parameterNodeWrapper=_identity, WithinRange=_WithinRange)
-    _stub("slicer.ScriptedLoadableModule", ScriptedLoadableModule=type("ScriptedLoadableModule", (), {}),
-          ScriptedLoadableModuleWidget=type("ScriptedLoadableModuleWidget", (), {}), ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
+    _stub("slicer.ScriptedLoadableModule", ScriptedLoadableModule=_ScriptedLoadableModule,
+          ScriptedLoadableModuleWidget=_ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic=_ScriptedLoadableModuleLogic,
           ScriptedLoadableModuleTest=_ScriptedLoadableModuleTest)
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))
