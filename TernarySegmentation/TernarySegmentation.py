@@ -314,6 +314,7 @@ class TernarySegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             segmentation = self.logic.apply(job, outputSegmentation, probabilityVolume)
             if self._parameterNode:
                 self._parameterNode.outputSegmentation = segmentation
+            segmentation.CreateClosedSurfaceRepresentation()   # shown in the 3D view too
             slicer.util.setSliceViewerLayers(background=job.inputVolume)
             text = job.summary()
             if job.warnings:

@@ -96,6 +96,9 @@ def test_apply_runs_on_a_worker_and_applies_on_the_main_thread(widget):
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "TernarySegmentation_pancreas",
                                                       widget._parameterNode.inputVolume)
     assert np.count_nonzero(mask)
+    surface = segmentation.GetSegmentation().GetSegment("TernarySegmentation_pancreas").GetRepresentation(
+        "Closed surface")
+    assert surface is not None and surface.GetNumberOfPoints() > 0    # for the 3D view
     assert widget.ui.statusLabel.text.startswith("Pancreas ") and " ml in " in widget.ui.statusLabel.text
     assert widget.ui.applyButton.enabled and not widget.ui.cancelButton.enabled
     assert not widget.ui.progressBar.visible and not widget._timer.active
