@@ -598,7 +598,7 @@ def test_max_pool(torch, case):
 
 UPSAMPLE_CASES = [(1, (1, 1, 1), None), (7, (3, 5, 7), None), (8, (3, 5, 7), (5, 9, 13)),
                   (63, (1, 2, 3), (1, 4, 5)), (64, (2, 1, 4), (3, 2, 7)), (65, (3, 3, 3), None),
-                  (130, (2, 3, 1), (4, 5, 1))]
+                  (130, (2, 3, 1), (4, 5, 1)), (16, (3, 4, 5), None), (32, (2, 3, 4), (3, 6, 8))]
 
 
 @pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=case_id)
@@ -615,7 +615,8 @@ def test_upsample(case):
         assert_map_equal(K.upsample(m, out_shape, threads=t), ref)
 
 
-CONCAT_SPLITS = [(7, 9), (63, 65), (64, 1), (1, 130), (8, 8), (130, 7), (1, 1), (65, 64), (3, 63)]
+CONCAT_SPLITS = [(7, 9), (63, 65), (64, 1), (1, 130), (8, 8), (130, 7), (1, 1), (65, 64), (3, 63),
+                 (16, 16), (32, 64), (128, 16), (24, 40)]   # byte-aligned: record sizes 1, 2, 4, 8, 16, 3, 5
 
 
 @pytest.mark.parametrize("split", CONCAT_SPLITS, ids=case_id)
@@ -632,6 +633,23 @@ def test_concat(split):
         assert_map_equal(K.concat(a, b, threads=t), ref)
 
 
+@pytest.mark.parametrize("channels, classes, shape", [(1, 2, (1, 1, 1)), (8, 2, (5, 3, 7)), (9, 3, (2, 7, 3)),
+                                                     (16, 2, (4, 6, 5)), (65, 5, (3, 1, 5)), (130, 1, (2, 2, 2))])
+def test_classifier(channels, classes, shape):
+    """The C classifier adds the same float32 table entries in the same order as the reference."""
+    rng = rng_for("classifier", channels, classes)
+    q, m = rand_map(rng, shape, channels, 0.5)
+    w = rng.normal(0, 1, (classes, channels)).astype(np.float32)
+    bias = rng.normal(0, 1, classes).astype(np.float32)
+    ref = R.classifier(m, w, bias)
+    np.testing.assert_allclose(ref, q.astype(np.float64) @ w.T.astype(np.float64) + bias, rtol=1e-5,
+                               atol=1e-5 * np.sqrt(channels))
+    tables = R.classifier_tables(w)
+    for t in (1, 2):
+        assert_array_equal(K.classifier(m, w, bias, threads=t), ref)
+        assert_array_equal(K.classifier(m, w, bias, tables=tables, threads=t), ref)
+
+
 def test_map_ops_every_path(path):
     """The memory-bound ops are shared by all paths; they still run and agree on each."""
     rng = rng_for("maps", path)
@@ -641,6 +659,8 @@ def test_map_ops_every_path(path):
     assert_map_equal(K.max_pool(m), R.max_pool(m))
     assert_map_equal(K.upsample(m, (9, 6, 13)), R.upsample(m, (9, 6, 13)))
     assert_map_equal(K.concat(m, m2), R.concat(m, m2))
+    w = rng.normal(0, 1, (2, 65)).astype(np.float32)
+    assert_array_equal(K.classifier(m, w, np.ones(2, np.float32)), R.classifier(m, w, np.ones(2, np.float32)))
 
 
 # ------------------------------------------------------------------------------------ bad arguments

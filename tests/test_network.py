@@ -196,12 +196,10 @@ def test_logits_are_the_classifier_of_the_last_map():
 
 
 def test_classifier_chunks_do_not_change_the_logits(monkeypatch):
-    from TernarySegmentationLib import network as N
-
     net = network(13, depth=1, base=8)
     x = image_for((11, 5, 4))
     whole = net.forward(x, ops=K)
-    monkeypatch.setattr(N, "CLASSIFIER_CHUNK_VOXELS", 7)
+    monkeypatch.setattr(R, "CLASSIFIER_CHUNK_VOXELS", 7)
     assert np.array_equal(net.forward(x, ops=K), whole)
     assert np.array_equal(net.forward(x, ops=R), whole)
 
@@ -368,5 +366,15 @@ def test_classify_equals_the_matrix_product(channels, classes):
     assert got.dtype == np.float32 and got.shape == (3, 4, 5, classes)
     expected = q.astype(np.float64) @ w.T.astype(np.float64) + bias
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(channels))
-    with pytest.raises(ValueError, match="do not fit"):
-        classify(m, w[:, :-1] if channels > 1 else np.zeros((classes, 2), np.float32), bias)
+    for threads in (1, 2):   # the C classifier: the same float32 sums in the same order
+        assert np.array_equal(K.classifier(m, w, bias, threads=threads), got)
+    assert np.array_equal(K.classifier(m, w, bias, tables=R.classifier_tables(w)), got)
+    for ops in (K, R):
+        with pytest.raises(ValueError, match="do not fit"):
+            ops.classifier(m, w[:, :-1] if channels > 1 else np.zeros((classes, 2), np.float32), bias)
+        with pytest.raises(ValueError, match="tables must have shape"):
+            ops.classifier(m, w, bias, tables=np.zeros((1, 16, classes), np.float32))
+        with pytest.raises(ValueError, match="bias"):
+            ops.classifier(m, w, bias[:-1])
+        with pytest.raises(ValueError, match="weight must have dtype float32"):
+            ops.classifier(m, w.astype(np.float64), bias)

@@ -105,3 +105,19 @@ def check_upsample_shape(shape, out_shape):
         raise ValueError(f"out_shape must be 2n-1 or 2n of the input shape {shape} per axis, "
                          f"got {out_shape}")
     return out_shape
+
+
+def check_classifier(x, weight, bias, tables):
+    """The classifier's arguments: a map with C channels, float32 weight (K, C), bias (K,), and
+    tables (channel bytes, 65536, K) float32 or None. Returns (weight, bias, tables)."""
+    check_map("x", x)
+    if isinstance(weight, np.ndarray):
+        weight = np.ascontiguousarray(weight)  # small: a copy costs nothing
+    check_array("weight", weight, np.float32, ndim=2)
+    classes, channels = weight.shape
+    if channels != x.channels:
+        raise ValueError(f"classifier weight {weight.shape} and a map with {x.channels} channels do not fit")
+    bias = check_channel_vector("bias", bias, classes, np.float32)
+    if tables is not None:
+        check_array("tables", tables, np.float32, shape=(x.data.shape[-1], 1 << 16, classes))
+    return weight, bias, tables

@@ -39,4 +39,6 @@ int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t chann
                 int64_t od, int64_t oh, int64_t ow, uint8_t *out, int threads);
 int tk_concat(const uint8_t *a, int64_t a_channels, const uint8_t *b, int64_t b_channels,
               int64_t nvox, uint8_t *out, int threads);
+int tk_classify(const uint8_t *x, int64_t nvox, int64_t channels, const float *tables,
+                const float *bias, int64_t classes, float *out, int threads);
 """

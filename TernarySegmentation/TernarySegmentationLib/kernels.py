@@ -17,8 +17,9 @@ import numpy as np
 
 from . import _checks
 from .packed import OCTET, PackedWeights, TernaryMap, channel_bytes, conv_out_size, k_words
+from .reference import classifier_tables  # numpy: the tables belong to the model, not to a path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 PATHS = ("portable", "scalar", "avx2", "avx512")
 _EPILOGUE_CODES = {"ternary": 0, "float": 1, "int32": 2}
 _ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "unsupported path", -4: "size overflow"}
@@ -274,6 +275,21 @@ def concat(a, b, threads=None):
     return out
 
 
+def classifier(x, weight, bias, tables=None, threads=None):
+    """Float classifier on a ternary map, float32 (D, H, W, K); bit-identical to
+    reference.classifier (same tables, same order of float32 additions). ``tables``: from
+    ``classifier_tables(weight)`` (computed here unless given; a network computes them once)."""
+    weight, bias, tables = _checks.check_classifier(x, weight, bias, tables)
+    if tables is None:
+        tables = classifier_tables(weight)
+    nvox = int(np.prod(x.shape))
+    out = np.empty(x.shape + (weight.shape[0],), np.float32)
+    _call("tk_classify", lib.tk_classify(_ptr("uint8_t *", x.data), nvox, x.channels,
+                                         _ptr("float *", tables), _ptr("float *", bias), weight.shape[0],
+                                         _ptr("float *", out), _threads(threads)))
+    return out
+
+
 __all__ = ["pack", "unpack", "pack_weights", "ternary_conv3d", "float_conv3d", "max_pool", "upsample",
-           "concat", "available_paths", "current_path", "set_path", "use_path", "max_threads",
-           "PackedWeights", "TernaryMap", "channel_bytes"]
+           "concat", "classifier", "classifier_tables", "available_paths", "current_path", "set_path",
+           "use_path", "max_threads", "PackedWeights", "TernaryMap", "channel_bytes"]

@@ -1,9 +1,9 @@
 """The network executor: runs a validated Model's graph on a normalised CT volume.
 
 Every node is one op of the kernels binding (C, the default) or of the numpy reference, called by the
-same name with the same arguments, so both give bit-identical ternary maps; the float classifier at
-the end is shared numpy code, so both give identical logits. Nothing here imports the C kernels
-unless they are used, and nothing imports torch.
+same name with the same arguments, so both give bit-identical ternary maps and identical logits
+(the float classifier adds the same float32 table entries in the same order in both). Nothing here
+imports the C kernels unless they are used, and nothing imports torch.
 """
 
 import math
@@ -13,8 +13,9 @@ import numpy as np
 
 from .model_file import GRAPH_INPUT, Model
 from .packed import TernaryMap, conv_out_size
+from .reference import classifier as classify  # the numpy classifier (kept under its old name)
+from .reference import classifier_tables
 
-CLASSIFIER_CHUNK_VOXELS = 1 << 18  # voxels per classifier chunk (C order: whole z slabs and rows)
 
 
 class Cancelled(Exception):
@@ -121,12 +122,15 @@ class TernaryNetwork:
         return np.ascontiguousarray(image, np.float32)
 
     def _weights_for(self, ops):
-        """Ternary conv weights packed once per ops module (lazily: the reference never needs C)."""
+        """Ternary conv weights packed once per ops module (lazily: the reference never needs C),
+        and the classifier's byte tables (the same for every module)."""
         with self._lock:
             packed = self._packed.get(ops)
             if packed is None:
                 packed = {node.name: ops.pack_weights(node.tensors["weight"])
                           for node in self._nodes if node.op == "ternary_conv3d"}
+                packed.update({node.name: classifier_tables(node.tensors["weight"])
+                               for node in self._nodes if node.op == "classifier"})
                 self._packed[ops] = packed
             return packed
 
@@ -148,7 +152,8 @@ class TernaryNetwork:
         if node.op == "concat":
             return ops.concat(inputs[0], inputs[1], threads=threads)
         if node.op == "classifier":
-            return classify(inputs[0], t["weight"], t["bias"])
+            return ops.classifier(inputs[0], t["weight"], t["bias"], tables=weights[node.name],
+                                  threads=threads)
         raise AssertionError(f"unvalidated op {node.op!r}")  # the reader rejects unknown ops
 
     # -------------------------------------------------------------------------------- sizes
@@ -179,45 +184,6 @@ class TernaryNetwork:
 
 def _spatial_shape(value):
     return value.shape if isinstance(value, TernaryMap) else value.shape[:3]
-
-
-def classify(x, weight, bias):
-    """Float classifier on a ternary map: logits = unpack(x) @ weight.T + bias, float32 (D, H, W, K).
-
-    Reads the packed map directly, one byte of channels at a time: the 8 mask bits and 8 sign bits
-    of a voxel index a table of the 65 536 possible partial sums over those 8 channels (each entry
-    summed channel by channel in float32), and the logits are bias + table_0 + table_1 + ... in that
-    order. The rounding is therefore fixed by the model alone (no BLAS, whose results can depend on
-    threads or alignment), so the kernels and the reference, whose maps are bit-identical, give
-    identical logits. One table at a time and chunks of voxels keep the memory bounded.
-    """
-    k, c = weight.shape
-    if c != x.channels or bias.shape != (k,):
-        raise ValueError(f"classifier weight {weight.shape} and bias {bias.shape} do not fit a map with "
-                         f"{x.channels} channels")
-    records = x.data.reshape(-1, 2, x.data.shape[-1])  # (voxels, mask/sign, channel bytes)
-    logits = np.empty((records.shape[0], k), np.float32)
-    logits[...] = bias
-    chunk = CLASSIFIER_CHUNK_VOXELS
-    for g in range(records.shape[-1]):
-        table = _byte_table(weight[:, 8 * g:8 * g + 8])
-        for start in range(0, records.shape[0], chunk):
-            byte = records[start:start + chunk, :, g]
-            code = byte[:, 0].astype(np.intp) | (byte[:, 1].astype(np.intp) << 8)
-            logits[start:start + chunk] += np.take(table, code, axis=0)
-    return logits.reshape(x.shape + (k,))
-
-
-def _byte_table(weight):
-    """(65536, K) float32: entry mask | sign << 8 = sum over the (up to 8) channels of this byte of
-    q_c * weight[:, c], q_c = +1, -1 or 0 from mask bit c and sign bit c, summed in channel order."""
-    code = np.arange(1 << 16)
-    mask, sign = code & 0xFF, code >> 8
-    table = np.zeros((1 << 16, weight.shape[0]), np.float32)
-    for bit in range(weight.shape[1]):
-        q = (((mask >> bit) & 1) * (1 - 2 * ((sign >> bit) & 1))).astype(np.float32)
-        table += q[:, None] * weight[:, bit]
-    return table
 
 
 __all__ = ["Cancelled", "TernaryNetwork", "normalise_hu", "classify"]

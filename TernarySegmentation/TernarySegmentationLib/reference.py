@@ -163,5 +163,48 @@ def concat(a, b, threads=None):
     return _planes_to_map(np.concatenate([unpack(a), unpack(b)], axis=-1))
 
 
+CLASSIFIER_CHUNK_VOXELS = 1 << 18  # voxels per classifier chunk (C order: whole z slabs and rows)
+
+
+def classifier_tables(weight):
+    """(channel bytes, 65536, K) float32 per-byte partial sums of the float classifier ``weight``
+    (K, C): entry [g][mask | sign << 8] = sum over the (up to 8) channels c of byte g of
+    q_c * weight[:, c], q_c = +1, -1 or 0 from mask bit and sign bit, summed in channel order."""
+    weight = np.asarray(weight, np.float32)
+    code = np.arange(1 << 16)
+    mask, sign = code & 0xFF, code >> 8
+    tables = np.zeros((channel_bytes(weight.shape[1]), 1 << 16, weight.shape[0]), np.float32)
+    for g, table in enumerate(tables):
+        for bit, column in enumerate(weight[:, 8 * g:8 * g + 8].T):
+            q = (((mask >> bit) & 1) * (1 - 2 * ((sign >> bit) & 1))).astype(np.float32)
+            table += q[:, None] * column
+    return tables
+
+
+def classifier(x, weight, bias, tables=None, threads=None):
+    """Float classifier on a ternary map: logits = unpack(x) @ weight.T + bias, float32 (D, H, W, K).
+
+    Reads the packed map directly, one byte of channels at a time: the 8 mask bits and 8 sign bits
+    of a voxel index that byte's table of partial sums (``classifier_tables``; computed here unless
+    given), and the logits are bias + table_0 + table_1 + ... in that order. The rounding is fixed
+    by the model alone (no BLAS, whose results depend on threads or alignment), so the kernels and
+    the reference give identical logits. Chunks of voxels keep the memory bounded.
+    """
+    weight, bias, tables = _checks.check_classifier(x, weight, bias, tables)
+    if tables is None:
+        tables = classifier_tables(weight)
+    records = x.data.reshape(-1, 2, x.data.shape[-1])  # (voxels, mask/sign, channel bytes)
+    logits = np.empty((records.shape[0], weight.shape[0]), np.float32)
+    logits[...] = bias
+    chunk = CLASSIFIER_CHUNK_VOXELS
+    for g, table in enumerate(tables):
+        for start in range(0, records.shape[0], chunk):
+            byte = records[start:start + chunk, :, g]
+            code = byte[:, 0].astype(np.intp) | (byte[:, 1].astype(np.intp) << 8)
+            logits[start:start + chunk] += np.take(table, code, axis=0)
+    return logits.reshape(x.shape + (weight.shape[0],))
+
+
 __all__ = ["pack", "unpack", "pack_weights", "ternary_conv3d", "float_conv3d", "max_pool",
-           "upsample", "concat", "ternarize", "PackedWeights", "TernaryMap"]
+           "upsample", "concat", "classifier", "classifier_tables", "ternarize", "PackedWeights",
+           "TernaryMap"]

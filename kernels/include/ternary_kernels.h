@@ -29,7 +29,7 @@ extern "C" {
 #define TK_API
 #endif
 
-#define TK_ABI_VERSION 1
+#define TK_ABI_VERSION 2
 
 /* Instruction-set paths; all give bit-identical results. */
 enum tk_path {
@@ -112,6 +112,12 @@ TK_API int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_
 /* Channel concatenation of two packed maps with nvox voxels: out channels = [a | b]. */
 TK_API int tk_concat(const uint8_t *a, int64_t a_channels, const uint8_t *b, int64_t b_channels,
                      int64_t nvox, uint8_t *out, int threads);
+/* Float classifier on a packed map (nvox voxels, C channels) with per-byte tables
+ * (tables: (channel bytes, 65536, classes) float32; entry [g][mask | sign << 8] = the byte's partial
+ * sum): out[v][k] = bias[k] + tables[0][code_0(v)][k] + tables[1][code_1(v)][k] + ..., in that
+ * order, in float32 (so the result does not depend on the path or the threads). */
+TK_API int tk_classify(const uint8_t *x, int64_t nvox, int64_t channels, const float *tables,
+                       const float *bias, int64_t classes, float *out, int threads);
 
 #ifdef __cplusplus
 }

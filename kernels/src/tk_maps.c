@@ -1,4 +1,5 @@
-/* Operations on packed ternary maps: pack / unpack, weight packing, max pool, upsample, concat.
+/* Operations on packed ternary maps: pack / unpack, weight packing, max pool, upsample, concat,
+ * the float classifier.
  * All are memory-bound and shared by every path. */
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +118,19 @@ int tk_max_pool(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t chann
     return TK_OK;
 }
 
+/* Copy one voxel's bytes: the common small sizes as fixed-size copies the compiler inlines (a
+ * library call per voxel would cost more than the copy). */
+static inline void copy_record(uint8_t *dst, const uint8_t *src, int64_t n) {
+    switch (n) {
+    case 1: dst[0] = src[0]; break;
+    case 2: memcpy(dst, src, 2); break;
+    case 4: memcpy(dst, src, 4); break;
+    case 8: memcpy(dst, src, 8); break;
+    case 16: memcpy(dst, src, 16); break;
+    default: memcpy(dst, src, (size_t)n); break;
+    }
+}
+
 int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t channels, int64_t od,
                 int64_t oh, int64_t ow, uint8_t *out, int threads) {
     const int64_t cb = tk_channel_bytes(channels);
@@ -126,13 +140,13 @@ int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t chann
     if (!tk_mul_checked(tk_mul_checked(tk_mul_checked(od, oh), ow), 2 * cb)) return TK_ERR_SIZE;
     const int nt = tk_threads(threads);
     (void)nt;
+    const int64_t rb = 2 * cb;
     TK_PARALLEL_FOR
     for (int64_t row = 0; row < od * oh; ++row) {
         const int64_t oz = row / oh, oy = row % oh;
-        const uint8_t *src = x + ((oz / 2) * h + oy / 2) * w * 2 * cb;
-        uint8_t *dst = out + row * ow * 2 * cb;
-        for (int64_t ox = 0; ox < ow; ++ox)
-            memcpy(dst + ox * 2 * cb, src + (ox / 2) * 2 * cb, (size_t)(2 * cb));
+        const uint8_t *src = x + ((oz / 2) * h + oy / 2) * w * rb;
+        uint8_t *dst = out + row * ow * rb;
+        for (int64_t ox = 0; ox < ow; ++ox) copy_record(dst + ox * rb, src + (ox / 2) * rb, rb);
     }
     return TK_OK;
 }
@@ -147,6 +161,18 @@ int tk_concat(const uint8_t *a, int64_t a_channels, const uint8_t *b, int64_t b_
     const int64_t shift = a_channels & 7, base = a_channels >> 3;
     const int nt = tk_threads(threads);
     (void)nt;
+    if (shift == 0) {  /* byte-aligned: every output byte is a copied byte (co == ca + cbb) */
+        TK_PARALLEL_FOR
+        for (int64_t v = 0; v < nvox; ++v) {
+            const uint8_t *ra = a + v * 2 * ca, *rb = b + v * 2 * cbb;
+            uint8_t *ro = out + v * 2 * co;
+            copy_record(ro, ra, ca);
+            copy_record(ro + ca, rb, cbb);
+            copy_record(ro + co, ra + ca, ca);
+            copy_record(ro + co + ca, rb + cbb, cbb);
+        }
+        return TK_OK;
+    }
     TK_PARALLEL_FOR
     for (int64_t v = 0; v < nvox; ++v) {
         const uint8_t *ra = a + v * 2 * ca, *rb = b + v * 2 * cbb;
@@ -156,14 +182,32 @@ int tk_concat(const uint8_t *a, int64_t a_channels, const uint8_t *b, int64_t b_
             const uint8_t *pa = ra + plane * ca, *pb = rb + plane * cbb;
             memset(o, 0, (size_t)co);
             memcpy(o, pa, (size_t)ca);
-            if (shift == 0) {
-                memcpy(o + base, pb, (size_t)cbb);
-            } else {
-                for (int64_t i = 0; i < cbb; ++i) {
-                    o[base + i] |= (uint8_t)(pb[i] << shift);
-                    if (base + i + 1 < co) o[base + i + 1] |= (uint8_t)(pb[i] >> (8 - shift));
-                }
+            for (int64_t i = 0; i < cbb; ++i) {
+                o[base + i] |= (uint8_t)(pb[i] << shift);
+                if (base + i + 1 < co) o[base + i + 1] |= (uint8_t)(pb[i] >> (8 - shift));
             }
+        }
+    }
+    return TK_OK;
+}
+
+int tk_classify(const uint8_t *x, int64_t nvox, int64_t channels, const float *tables,
+                const float *bias, int64_t classes, float *out, int threads) {
+    const int64_t cb = tk_channel_bytes(channels);
+    if (!x || !tables || !bias || !out || nvox <= 0 || !cb || classes <= 0) return TK_ERR_ARGUMENT;
+    if (!tk_mul_checked(nvox, 2 * cb) || !tk_mul_checked(nvox, classes) ||
+        !tk_mul_checked(tk_mul_checked(cb, 65536), classes))
+        return TK_ERR_SIZE;
+    const int nt = tk_threads(threads);
+    (void)nt;
+    TK_PARALLEL_FOR
+    for (int64_t v = 0; v < nvox; ++v) {
+        const uint8_t *mask = x + v * 2 * cb, *sign = mask + cb;
+        float *o = out + v * classes;
+        for (int64_t k = 0; k < classes; ++k) o[k] = bias[k];
+        for (int64_t g = 0; g < cb; ++g) {
+            const float *t = tables + (g * 65536 + (mask[g] | (int64_t)sign[g] << 8)) * classes;
+            for (int64_t k = 0; k < classes; ++k) o[k] += t[k];
         }
     }
     return TK_OK;
