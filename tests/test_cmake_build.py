@@ -104,9 +104,11 @@ def test_cmake_library_matches_reference_on_every_path(cmake_library):
 
 
 def test_cmake_library_exports_only_the_api(cmake_library):
+    from TernarySegmentationLib import kernels
+
     lib = ctypes.CDLL(cmake_library)
-    assert lib.tk_abi_version() == 1
-    for name in ("tk_ternary_conv3d", "tk_float_conv3d", "tk_pack", "tk_max_pool", "tk_concat"):
+    assert lib.tk_abi_version() == kernels.ABI_VERSION
+    for name in ("tk_ternary_conv3d", "tk_float_conv3d", "tk_pack", "tk_max_pool", "tk_concat", "tk_classify"):
         assert hasattr(lib, name), name
     # Internal helpers stay hidden (C_VISIBILITY_PRESET hidden + TK_API on the public functions).
     for name in ("tk_k_words", "tk_gemm_portable", "tk_selected_gemm", "tk_check_conv_params"):

@@ -301,6 +301,44 @@ int tk_ternary_conv3d(const tk_conv_params *p, const uint8_t *x, const uint64_t 
         for (int j = 0; j < (NB); ++j) acc[j] = s[j];                                              \
     }
 
+/* Four interior voxels of one row at once (x0, x0 + xstep, ...), sharing each weight load: four
+ * independent accumulator sets hide the add latency that bounds the one-voxel loop. Per voxel, the
+ * arithmetic and its order are exactly float_voxel_interior's (lane-wise IEEE multiplies and adds,
+ * no contraction). GCC/Clang vector types: AVX registers in the AVX2 build, SSE/NEON pairs
+ * elsewhere. acc: 4 records of ldacc floats. NV = NB / 8 vectors per voxel. */
+typedef float tk_v8f __attribute__((vector_size(32)));
+
+
+#define TK_FLOAT_VOXEL_INTERIOR4(NB)                                                               \
+    static TK_ALWAYS_INLINE void float_voxel_interior4_##NB(                                       \
+        const float *x0, int64_t xstep, const int64_t *offsets, const float *const *wrows,         \
+        int64_t ntaps, int64_t cin, int64_t cout8, float *acc, int64_t ldacc) {                    \
+        enum { NV = (NB) / 8 };                                                                    \
+        tk_v8f s0[NV], s1[NV], s2[NV], s3[NV];                                                     \
+        for (int j = 0; j < NV; ++j) s0[j] = s1[j] = s2[j] = s3[j] = (tk_v8f){0};                  \
+        for (int64_t e = 0; e < ntaps; ++e) {                                                      \
+            const float *xi = x0 + offsets[e], *wv = wrows[e];                                     \
+            for (int64_t ci = 0; ci < cin; ++ci, wv += cout8) {                                    \
+                const float v0 = xi[ci], v1 = xi[xstep + ci], v2 = xi[2 * xstep + ci],             \
+                            v3 = xi[3 * xstep + ci];                                               \
+                for (int j = 0; j < NV; ++j) {                                                     \
+                    tk_v8f w;                                                                      \
+                    memcpy(&w, wv + 8 * j, sizeof w);                                              \
+                    s0[j] += w * v0;                                                               \
+                    s1[j] += w * v1;                                                               \
+                    s2[j] += w * v2;                                                               \
+                    s3[j] += w * v3;                                                               \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        for (int j = 0; j < NV; ++j) {                                                             \
+            memcpy(acc + 8 * j, &s0[j], sizeof s0[j]);                                             \
+            memcpy(acc + ldacc + 8 * j, &s1[j], sizeof s1[j]);                                     \
+            memcpy(acc + 2 * ldacc + 8 * j, &s2[j], sizeof s2[j]);                                 \
+            memcpy(acc + 3 * ldacc + 8 * j, &s3[j], sizeof s3[j]);                                 \
+        }                                                                                          \
+    }
+
 TK_FLOAT_VOXEL(8)
 TK_FLOAT_VOXEL(16)
 TK_FLOAT_VOXEL(24)
@@ -309,6 +347,8 @@ TK_FLOAT_VOXEL_INTERIOR(8)
 TK_FLOAT_VOXEL_INTERIOR(16)
 TK_FLOAT_VOXEL_INTERIOR(24)
 TK_FLOAT_VOXEL_INTERIOR(32)
+TK_FLOAT_VOXEL_INTERIOR4(8)
+TK_FLOAT_VOXEL_INTERIOR4(16)
 
 /* One output row (oz, oy) of the float convolution, then its epilogue (y = acc + bias).
  * scratch: rows/taps of k_d*k_h entries, offsets/wrows of k_d*k_h*k_w entries. */
@@ -320,10 +360,24 @@ typedef struct float_scratch {
     const float **wrows;
 } float_scratch;
 
+/* y = acc + bias, written as float or packed with lo/hi at output voxel ov. */
+static TK_ALWAYS_INLINE void float_epilogue(float *acc, int64_t cout, const float *bias, int epilogue,
+                                            const float *lo, const float *hi, void *out, int64_t ov,
+                                            int64_t cbo) {
+    for (int64_t co = 0; co < cout; ++co) acc[co] += bias[co];
+    if (epilogue == TK_EPILOGUE_FLOAT) {
+        memcpy((float *)out + ov * cout, acc, (size_t)cout * sizeof(float));
+    } else {
+        uint8_t *om = (uint8_t *)out + ov * 2 * cbo;
+        tk_pack_record_f(acc, cout, lo, hi, om, om + cbo);
+    }
+}
+
 static TK_ALWAYS_INLINE void float_conv_row(const tk_conv_params *p, const geometry *g,
                                             const float *x, const float *wt, const float *bias,
                                             int epilogue, const float *lo, const float *hi,
-                                            void *out, int64_t oz, int64_t oy, float_scratch *sc) {
+                                            void *out, int64_t oz, int64_t oy, float_scratch *sc,
+                                            int four) {
     const int64_t cin = p->in_channels, cout = p->out_channels, cbo = tk_channel_bytes(cout);
     const int64_t cout8 = (cout + 7) / 8 * 8;
     float *acc = sc->acc;
@@ -343,9 +397,22 @@ static TK_ALWAYS_INLINE void float_conv_row(const tk_conv_params *p, const geome
         }
     }
     const int64_t reach = (int64_t)(p->k_w - 1) * p->dilation_w;
+    const int64_t xstep = (int64_t)p->stride_w * cin;
     for (int64_t ox = 0; ox < g->ow; ++ox) {
         const int64_t ix0 = ox * p->stride_w - g->pad_w;
         const int interior = ix0 >= 0 && ix0 + reach < p->in_w;
+        if (four && cout8 <= 16 && interior && ox + 3 < g->ow && ix0 + 3 * p->stride_w + reach < p->in_w) {
+            const float *x0 = x + ix0 * cin;  /* four interior voxels ox .. ox + 3 */
+            if (cout8 == 8)
+                float_voxel_interior4_8(x0, xstep, sc->offsets, sc->wrows, ntaps, cin, cout8, acc, cout8);
+            else
+                float_voxel_interior4_16(x0, xstep, sc->offsets, sc->wrows, ntaps, cin, cout8, acc, cout8);
+            for (int k = 0; k < 4; ++k)
+                float_epilogue(acc + k * cout8, cout, bias, epilogue, lo, hi, out,
+                               (oz * g->oh + oy) * g->ow + ox + k, cbo);
+            ox += 3;
+            continue;
+        }
         for (int64_t c0 = 0; c0 < cout8; c0 += 32) {
             const int64_t nb = cout8 - c0 < 32 ? cout8 - c0 : 32;
             if (interior) {
@@ -366,14 +433,7 @@ static TK_ALWAYS_INLINE void float_conv_row(const tk_conv_params *p, const geome
                 }
             }
         }
-        for (int64_t co = 0; co < cout; ++co) acc[co] += bias[co];
-        const int64_t ov = (oz * g->oh + oy) * g->ow + ox;
-        if (epilogue == TK_EPILOGUE_FLOAT) {
-            memcpy((float *)out + ov * cout, acc, (size_t)cout * sizeof(float));
-        } else {
-            uint8_t *om = (uint8_t *)out + ov * 2 * cbo;
-            tk_pack_record_f(acc, cout, lo, hi, om, om + cbo);
-        }
+        float_epilogue(acc, cout, bias, epilogue, lo, hi, out, (oz * g->oh + oy) * g->ow + ox, cbo);
     }
 }
 
@@ -381,7 +441,7 @@ static void float_conv_rows_plain(const tk_conv_params *p, const geometry *g, co
                                   const float *wt, const float *bias, int epilogue,
                                   const float *lo, const float *hi, void *out, int64_t oz,
                                   int64_t oy, float_scratch *sc) {
-    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc);
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc, 0);
 }
 
 #if TK_HAVE_X86_PATHS
@@ -390,7 +450,7 @@ __attribute__((target("avx2"))) static void float_conv_rows_avx2(
     const tk_conv_params *p, const geometry *g, const float *x, const float *wt, const float *bias,
     int epilogue, const float *lo, const float *hi, void *out, int64_t oz, int64_t oy,
     float_scratch *sc) {
-    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc);
+    float_conv_row(p, g, x, wt, bias, epilogue, lo, hi, out, oz, oy, sc, 1);
 }
 #endif
 
@@ -430,7 +490,7 @@ int tk_float_conv3d(const tk_conv_params *p, const float *x, const float *w, con
     {
         const int64_t kdh = (int64_t)p->k_d * p->k_h;
         float_scratch sc;
-        sc.acc = (float *)malloc((size_t)cout8 * sizeof(float));
+        sc.acc = (float *)malloc((size_t)(4 * cout8) * sizeof(float));  /* 4 voxels' records */
         sc.rows = (const float **)malloc((size_t)kdh * sizeof(float *));
         sc.taps = (int64_t *)malloc((size_t)kdh * sizeof(int64_t));
         sc.offsets = (int64_t *)malloc((size_t)g.taps * sizeof(int64_t));
