@@ -117,6 +117,7 @@ def test_folder_continues_past_a_bad_case(cases, tmp_path):
     (["--input-dir", "missing-folder", "--output-dir", "o"], "not a folder"),
     (["--input-dir", ".", "--output-dir", "o", "--overwrite", "--skip-existing"], "contradict"),
     (["--bogus"], "unrecognized arguments"),
+    (["--input-dir", ".", "--output-dir", "o", "--series", "1.2.3"], "--series goes with --input"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -149,3 +150,23 @@ def test_an_unexpected_error_still_exits_with_status_1(monkeypatch, capsys):
         batch.run_and_exit([])
     assert stop.value.code == batch.EXIT_FAILED
     assert "PermissionError: cannot list the folder" in capsys.readouterr().err
+
+
+def test_series_selects_one_of_several_in_a_dicom_folder(tmp_path):
+    folder = tmp_path / "two_series"
+    for seed, uid in ((200_008, "1.2.826.0.1.3680043.2.1125.99.2"), (200_009, "1.2.826.0.1.3680043.2.1125.99.3")):
+        image = make_phantom(seed, shape=(20, 56, 56), spacing=(4.5, 4.5, 6.0)).to_sitk()[0]
+        write_dicom_series(folder, image, uid, f"phantom {seed}", prefix=f"s{seed}_")
+    out = tmp_path / "out.seg.nrrd"
+    ambiguous = run_script("--input", folder, "--output", out)
+    assert ambiguous.returncode == 1 and "series" in ambiguous.stdout and not out.exists()
+    chosen = run_script("--input", folder, "--output", out, "--series", "1.2.826.0.1.3680043.2.1125.99.3")
+    assert chosen.returncode == 0, chosen.stdout + chosen.stderr
+    assert_same_segmentation(out, ternaryseg_labels_args(
+        [str(folder), "--series", "1.2.826.0.1.3680043.2.1125.99.3"], tmp_path))
+
+
+def ternaryseg_labels_args(args, tmp_path):
+    out = tmp_path / "reference-series.seg.nrrd"
+    assert cli.main(args[:1] + ["-o", str(out), "-q"] + args[1:]) == 0
+    return sitk.ReadImage(str(out))

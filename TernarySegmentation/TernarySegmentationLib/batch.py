@@ -55,6 +55,8 @@ def build_parser():
     one.add_argument("--input", metavar="CT_OR_DICOM_DIR",
                      help="a CT file (.nii.gz, .nii, .nrrd, .mha) or a DICOM series folder")
     one.add_argument("--output", metavar="OUT.seg.nrrd", help="the segmentation file to write")
+    one.add_argument("--series", metavar="UID",
+                     help="the DICOM series to segment when the --input folder holds several")
     many = parser.add_argument_group("a folder of cases")
     many.add_argument("--input-dir", metavar="DIR",
                       help="every CT file and every sub-folder (a DICOM series) of DIR is one case")
@@ -85,6 +87,9 @@ def parse_args(argv):
         parser.error("nothing to do: give --input CT --output OUT.seg.nrrd, or --input-dir and --output-dir")
     if args.overwrite and args.skip_existing:
         parser.error("--overwrite and --skip-existing contradict each other")
+    if args.series is not None and args.input is None:
+        parser.error("--series goes with --input (a DICOM folder); in folder mode each sub-folder must "
+                     "hold one series")
     if single and not args.output.lower().endswith(OUTPUT_SUFFIX):
         parser.error(f"--output must name a {OUTPUT_SUFFIX} file, got {args.output}")
     if folder:
@@ -147,7 +152,7 @@ def run_case(logic, source, output, args):
     from TernarySegmentationLib.slicer_logic import image_to_volume
 
     pipeline.check_output_path(output, overwrite=args.overwrite)
-    image = pipeline.read_image(source)
+    image = pipeline.read_image(source, series=args.series)
     scene = slicer.mrmlScene
     volume = image_to_volume(image, name=case_name(source))
     segmentation = None
