@@ -84,12 +84,17 @@ static void gather_block(const tk_conv_params *p, const geometry *g, const uint8
                     memset(dst, 0, (size_t)cb);
                     memset(dst + kw * 8, 0, (size_t)cb);
                 }
+                /* constant sizes: fixed moves (a runtime size becomes a memmove call per tap) */
                 switch (cb) {
                 case 1: TK_GATHER_TAP(1) break;
                 case 2: TK_GATHER_TAP(2) break;
+                case 3: TK_GATHER_TAP(3) break;
                 case 4: TK_GATHER_TAP(4) break;
+                case 6: TK_GATHER_TAP(6) break;
                 case 8: TK_GATHER_TAP(8) break;
+                case 12: TK_GATHER_TAP(12) break;   /* 96 channels: the decoder's concatenation */
                 case 16: TK_GATHER_TAP(16) break;
+                case 24: TK_GATHER_TAP(24) break;
                 default: TK_GATHER_TAP(cb) break;
                 }
             }
