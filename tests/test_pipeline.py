@@ -517,3 +517,38 @@ def test_ct_sized_volume_in_bounded_memory(tmp_path):
     assert report["region"][0] < 205 and report["region"][1] < 205  # the body crop took effect
     assert report["peak_rss_mb"] < 2048, report
     print(report)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fast_label_placement_equals_simpleitk_nearest_neighbour(seed):
+    """The numpy per-axis placement of labels (diagonal directions) picks exactly the voxels that
+    SimpleITK's nearest-neighbour resampler picks, including flipped axes, odd spacings and a box
+    that covers only part of the image."""
+    rng = np.random.default_rng(seed)
+    size = tuple(int(n) for n in rng.integers(5, 40, 3))
+    spacing = tuple(float(s) for s in rng.uniform(0.3, 5.0, 3))
+    flips = rng.choice([-1.0, 1.0], 3)
+    image = sitk.Image(size, sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    image.SetOrigin(tuple(float(o) for o in rng.uniform(-50, 50, 3)))
+    image.SetDirection(tuple(float(v) for v in np.diag(flips).ravel()))
+    grid = pipeline.model_grid(image, tuple(float(s) for s in rng.uniform(1.0, 4.0, 3)))
+    lo = rng.integers(0, np.maximum(1, np.array(grid.size) // 3))
+    hi = np.minimum(grid.size, lo + rng.integers(1, np.array(grid.size) + 1))
+    region = grid.box(tuple(int(v) for v in lo), tuple(int(v) for v in hi))
+    labels = rng.integers(0, 3, region.shape).astype(np.uint8)
+    got = pipeline._labels_to_input_grid(labels, region, image, threads=1)
+    expected = pipeline._to_input_grid(pipeline._on_grid(labels, region), image, sitk.sitkNearestNeighbor,
+                                       sitk.sitkUInt8, 1)
+    assert np.array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+    assert got.GetSize() == image.GetSize() and got.GetDirection() == image.GetDirection()
+    assert got.GetOrigin() == image.GetOrigin() and got.GetSpacing() == image.GetSpacing()
+
+
+def test_class_labels_equal_argmax_with_ties():
+    rng = np.random.default_rng(5)
+    for classes in (2, 3):
+        logits = rng.integers(-2, 3, (4, 5, 6, classes)).astype(np.float32)   # many exact ties
+        labels = pipeline.class_labels(logits)
+        assert labels.dtype == np.uint8
+        assert np.array_equal(labels, logits.argmax(axis=-1))
