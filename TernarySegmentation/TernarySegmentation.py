@@ -54,8 +54,8 @@ are bit logic and popcount, not floating-point multiplication.
 in the output segmentation; other segments of that segmentation are never changed, and a second run
 replaces only the module's own segment. Optionally the foreground probability (0..1) is written to a
 volume.</p>
-<p><b>The shipped model is trained on synthetic phantoms only: it is a demonstration, not for clinical
-use.</b> To use a model trained on real CTs (see the training/ folder of the project), choose its
+<p><b>The shipped model is trained on synthetic phantoms only: it demonstrates the method and does
+not find the pancreas reliably in real CTs. Not for clinical use.</b> To use a model trained on real CTs (see the training/ folder of the project), choose its
 <i>.tsm</i> file under Advanced, Model file.</p>
 <p>Try it: Sample Data module, TernarySegmentation, "PancreasPhantomCT" (a synthetic CT made on this
 computer), then Apply here.
