@@ -150,7 +150,7 @@ def test_widget_follows_the_slicer_template(source_tree):
 def test_module_metadata(source_tree):
     source = SOURCE.read_text()
     assert 'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]' in source
-    assert "not for clinical" in source and "TernaryNet" in source and "Heinrich" in source
+    assert "Not for clinical use" in source and "TernaryNet" in source and "Heinrich" in source
     classes = {n.name for n in source_tree.body if isinstance(n, ast.ClassDef)}
     assert {"TernarySegmentation", "TernarySegmentationWidget", "TernarySegmentationLogic",
             "TernarySegmentationTest", "TernarySegmentationParameterNode"} <= classes
