@@ -205,3 +205,21 @@ def test_extension_builds_the_module_with_the_kernels_beside_the_lib(extension_b
     out = tmp_path / "out.seg.nrrd"
     done = _run([sys.executable, str(lib / "batch.py"), "--input", ct, "--output", str(out)], env=env, timeout=300)
     assert "1 case: 1 segmented" in done.stdout and out.is_file()
+
+
+def test_a_library_of_another_abi_version_is_refused(tmp_path):
+    """A stale kernels library (an older build beside the Lib, or a wrong $TERNARYSEG_KERNELS_LIB)
+    is refused at import with a message, never called with mismatched declarations."""
+    from TernarySegmentationLib import kernels
+
+    source = tmp_path / "old.c"
+    source.write_text(f"int tk_abi_version(void) {{ return {kernels.ABI_VERSION - 1}; }}\n")
+    library = tmp_path / _library_name()
+    compiler = os.environ.get("CC", "").split(" ")[0] or next(
+        c for c in ("cc", "gcc", "clang") if shutil.which(c))
+    _run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], timeout=120)
+    env = dict(os.environ, TERNARYSEG_KERNELS_LIB=str(library))
+    result = subprocess.run([sys.executable, "-c", "import TernarySegmentationLib.kernels"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and f"ABI version {kernels.ABI_VERSION - 1}" in result.stderr
