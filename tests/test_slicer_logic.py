@@ -338,3 +338,13 @@ def test_sample_data_registration_makes_the_phantom_here(scene, monkeypatch):
     assert volume.GetName() == "PancreasPhantomCT"
     assert slicer.util.arrayFromVolume(volume).shape == (100, 416, 416)
     assert volume.GetSpacing() == pytest.approx((0.8, 0.8, 2.0))
+
+
+def test_an_empty_result_is_reported(scene, logic):
+    ct = np.full((24, 48, 48), -1000, np.int16)
+    ct[4:20, 8:40, 8:40] = 40                     # a water box: no anatomy to find
+    volume = _volume(scene, ct, name="water")
+    segmentation = logic.process(volume)
+    assert logic.lastJob.volumesMl == {"pancreas": 0.0}
+    assert "nothing found for Pancreas: the segment is empty" in logic.lastJob.warnings
+    assert not np.count_nonzero(segment_array(segmentation, volume))

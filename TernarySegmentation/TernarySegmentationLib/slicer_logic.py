@@ -200,6 +200,7 @@ class SegmentationLogic:
     def __init__(self):
         self._network = None
         self._networkKey = None
+        self.lastJob = None   # the last process() run: timings (job.result.timings), volumes, warnings
 
     # -- model
     def loadNetwork(self, modelPath=None):
@@ -302,6 +303,10 @@ class SegmentationLogic:
                 job.volumesMl[name] = int(np.count_nonzero(mask)) * voxel_ml
         finally:
             outputSegmentation.EndModify(was_modifying)
+        empty = [pipeline.segment_style(i, name)[0] for i, name in enumerate(job.classes[1:])
+                 if not job.volumesMl.get(name)]
+        if empty:
+            job.warnings.append(f"nothing found for {', '.join(empty)}: the segment is empty")
         if probabilityVolume is not None:
             _set_volume(probabilityVolume, sitk.GetArrayViewFromImage(job.result.probability), job.ijkToRAS)
             probabilityVolume.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
