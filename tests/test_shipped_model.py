@@ -11,7 +11,7 @@ MODEL = Path(__file__).resolve().parents[1] / "TernarySegmentation" / "Resources
 def test_shipped_model_reads_and_says_what_it_is():
     model = read_model(MODEL)
     meta = model.metadata
-    assert meta["variant"] == "ternary-tanh"
+    assert meta["variant"] == "ternary-ste"
     assert "phantom" in meta["training_data"]
     assert "not for clinical use" in meta["intended_use"].lower()
     assert 0.0 < meta["validation_dice"] <= 1.0
