@@ -17,7 +17,6 @@ from .reference import classifier as classify  # the numpy classifier (kept unde
 from .reference import classifier_tables
 
 
-
 class Cancelled(Exception):
     """Raised by TernaryNetwork.forward when its cancel() callback returned True."""
 

@@ -35,22 +35,14 @@ static geometry conv_geometry(const tk_conv_params *p) {
     return g;
 }
 
-/* memcpy of n bytes in fixed-size pieces (no library call for the odd channel counts). */
-static TK_ALWAYS_INLINE void copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n) {
-    for (; n >= 8; n -= 8, dst += 8, src += 8) memcpy(dst, src, 8);
-    if (n >= 4) { memcpy(dst, src, 4); dst += 4; src += 4; n -= 4; }
-    if (n >= 2) { memcpy(dst, src, 2); dst += 2; src += 2; n -= 2; }
-    if (n) *dst = *src;
-}
-
 /* Copy one tap of nx output voxels: source records are 2*cb bytes (mask | sign), destination rows
  * are 2*kw words (mask words | sign words). CB is a compile-time constant in the common cases. */
 #define TK_GATHER_TAP(CB)                                                                      \
     for (int64_t x = x_lo; x < x_hi; ++x) {                                                    \
         const uint8_t *src = src_row + (x * sw + x_off) * 2 * (CB);                            \
         uint8_t *dst = (uint8_t *)(rows + (x - x0) * 2 * kw) + t * (CB);                       \
-        copy_bytes(dst, src, (CB));                                                            \
-        copy_bytes(dst + kw * 8, src + (CB), (CB));                                            \
+        tk_copy_bytes(dst, src, (CB));                                                            \
+        tk_copy_bytes(dst + kw * 8, src + (CB), (CB));                                            \
     }
 
 static void gather_block(const tk_conv_params *p, const geometry *g, const uint8_t *x_in,
@@ -144,8 +136,8 @@ static void gather_block3(const tk_conv_params *p, const geometry *g, const uint
             for (int64_t c = 0; c < 3; ++c) {
                 const int64_t t = r * 3 + c, ix = ix0 + c;
                 if (base[r] && ix >= 0 && ix < p->in_w) {
-                    copy_bytes(dm + t * cb, base[r] + ix * rec, cb);
-                    copy_bytes(ds + t * cb, base[r] + ix * rec + cb, cb);
+                    tk_copy_bytes(dm + t * cb, base[r] + ix * rec, cb);
+                    tk_copy_bytes(ds + t * cb, base[r] + ix * rec + cb, cb);
                 } else {
                     memset(dm + t * cb, 0, (size_t)cb);
                     memset(ds + t * cb, 0, (size_t)cb);

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "ternary_kernels.h"
 
@@ -85,6 +86,28 @@ int64_t tk_mul_checked(int64_t a, int64_t b);
 
 /* Shared validation of a convolution geometry; TK_OK or an error. */
 int tk_check_conv_params(const tk_conv_params *p);
+
+/* memcpy of n bytes in fixed-size pieces: with a compile-time n, a few moves and no library call
+ * (for the odd channel counts of the gather). */
+static TK_ALWAYS_INLINE void tk_copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n) {
+    for (; n >= 8; n -= 8, dst += 8, src += 8) memcpy(dst, src, 8);
+    if (n >= 4) { memcpy(dst, src, 4); dst += 4; src += 4; n -= 4; }
+    if (n >= 2) { memcpy(dst, src, 2); dst += 2; src += 2; n -= 2; }
+    if (n) *dst = *src;
+}
+
+/* One voxel's record of a runtime size n: the common sizes as inlined fixed-size copies (a library
+ * call per voxel would cost more than the copy itself). */
+static TK_ALWAYS_INLINE void tk_copy_record(uint8_t *dst, const uint8_t *src, int64_t n) {
+    switch (n) {
+    case 1: tk_copy_bytes(dst, src, 1); break;
+    case 2: tk_copy_bytes(dst, src, 2); break;
+    case 4: tk_copy_bytes(dst, src, 4); break;
+    case 8: tk_copy_bytes(dst, src, 8); break;
+    case 16: tk_copy_bytes(dst, src, 16); break;
+    default: memcpy(dst, src, (size_t)n); break;
+    }
+}
 
 /* One voxel's float values -> its packed record (mask bytes om, sign bytes os): +1 where
  * y > hi[c], -1 where y < lo[c], else 0 (NaN -> 0). Branch-free: the data decide nothing. */

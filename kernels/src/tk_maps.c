@@ -118,19 +118,6 @@ int tk_max_pool(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t chann
     return TK_OK;
 }
 
-/* Copy one voxel's bytes: the common small sizes as fixed-size copies the compiler inlines (a
- * library call per voxel would cost more than the copy). */
-static inline void copy_record(uint8_t *dst, const uint8_t *src, int64_t n) {
-    switch (n) {
-    case 1: dst[0] = src[0]; break;
-    case 2: memcpy(dst, src, 2); break;
-    case 4: memcpy(dst, src, 4); break;
-    case 8: memcpy(dst, src, 8); break;
-    case 16: memcpy(dst, src, 16); break;
-    default: memcpy(dst, src, (size_t)n); break;
-    }
-}
-
 int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t channels, int64_t od,
                 int64_t oh, int64_t ow, uint8_t *out, int threads) {
     const int64_t cb = tk_channel_bytes(channels);
@@ -146,7 +133,7 @@ int tk_upsample(const uint8_t *x, int64_t d, int64_t h, int64_t w, int64_t chann
         const int64_t oz = row / oh, oy = row % oh;
         const uint8_t *src = x + ((oz / 2) * h + oy / 2) * w * rb;
         uint8_t *dst = out + row * ow * rb;
-        for (int64_t ox = 0; ox < ow; ++ox) copy_record(dst + ox * rb, src + (ox / 2) * rb, rb);
+        for (int64_t ox = 0; ox < ow; ++ox) tk_copy_record(dst + ox * rb, src + (ox / 2) * rb, rb);
     }
     return TK_OK;
 }
@@ -166,10 +153,10 @@ int tk_concat(const uint8_t *a, int64_t a_channels, const uint8_t *b, int64_t b_
         for (int64_t v = 0; v < nvox; ++v) {
             const uint8_t *ra = a + v * 2 * ca, *rb = b + v * 2 * cbb;
             uint8_t *ro = out + v * 2 * co;
-            copy_record(ro, ra, ca);
-            copy_record(ro + ca, rb, cbb);
-            copy_record(ro + co, ra + ca, ca);
-            copy_record(ro + co + ca, rb + cbb, cbb);
+            tk_copy_record(ro, ra, ca);
+            tk_copy_record(ro + ca, rb, cbb);
+            tk_copy_record(ro + co, ra + ca, ca);
+            tk_copy_record(ro + co + ca, rb + cbb, cbb);
         }
         return TK_OK;
     }
