@@ -552,3 +552,17 @@ def test_class_labels_equal_argmax_with_ties():
         labels = pipeline.class_labels(logits)
         assert labels.dtype == np.uint8
         assert np.array_equal(labels, logits.argmax(axis=-1))
+
+
+def test_checks_already_made_are_not_repeated(models, monkeypatch):
+    """segment(image_warnings=check_image(image)) gives the same result without checking again."""
+    image = phantom_in_air()
+    found = pipeline.check_image(image) + ["a warning of the caller's"]
+    expected = pipeline.segment(image, models["random"], threads=2)
+
+    def checked_twice(_image):
+        raise AssertionError("check_image ran again")
+    monkeypatch.setattr(pipeline, "check_image", checked_twice)
+    result = pipeline.segment(image, models["random"], threads=2, image_warnings=found)
+    assert np.array_equal(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(expected.labels))
+    assert result.warnings[:len(found)] == found

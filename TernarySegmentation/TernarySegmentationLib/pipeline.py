@@ -564,7 +564,7 @@ PREPROCESS_SHARE, NETWORK_SHARE = 0.1, 0.8  # of the progress bar; postprocessin
 
 
 def segment(image, model, threads=None, progress=None, cancel=None, largest_component=False,
-            probabilities=False):
+            probabilities=False, image_warnings=None):
     """Segment ``image`` (a 3D SimpleITK CT in HU) with ``model`` (a model_file.Model, or a
     network.TernaryNetwork to reuse its packed weights); returns a ``Result``.
 
@@ -574,6 +574,8 @@ def segment(image, model, threads=None, progress=None, cancel=None, largest_comp
     every network node; when it returns True, network.Cancelled is raised.
     ``largest_component``: keep only the largest 6-connected foreground component (off by default,
     as in the paper). ``probabilities``: also return the foreground probability map.
+    ``image_warnings``: what ``check_image(image)`` returned, when the caller has already checked
+    this very image (the checks are then not repeated).
     """
     network = model if isinstance(model, TernaryNetwork) else TernaryNetwork(model)
     model = network.model
@@ -592,7 +594,7 @@ def segment(image, model, threads=None, progress=None, cancel=None, largest_comp
     start = time.perf_counter()
     check_cancel("before preprocessing")
     report(0.0, "preprocess")
-    found = check_image(image)
+    found = check_image(image) if image_warnings is None else list(image_warnings)
     grid = model_grid(image, spacing)
     box = body_box(image, grid, threads)
     if box is None:

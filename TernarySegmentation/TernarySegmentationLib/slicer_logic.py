@@ -162,6 +162,7 @@ class SegmentationJob:
     largestComponent: bool = False
     probabilities: bool = False
     warnings: list = field(default_factory=list)
+    imageWarnings: object = None     # check_image's findings on ``image`` once prepare ran it
     result: object = None
     seconds: float = 0.0
     segmentIds: dict = field(default_factory=dict)
@@ -177,7 +178,8 @@ class SegmentationJob:
         start = time.perf_counter()
         self.result = pipeline.segment(self.image, self.network, threads=self.threads, progress=progress,
                                        cancel=cancel, largest_component=self.largestComponent,
-                                       probabilities=self.probabilities)
+                                       probabilities=self.probabilities,
+                                       image_warnings=self.imageWarnings)  # checked in prepare
         self.seconds = time.perf_counter() - start
         self.warnings += [w for w in self.result.warnings if w not in self.warnings]
         return self.result
@@ -233,7 +235,7 @@ class SegmentationLogic:
         return SegmentationJob(inputVolume=inputVolume, image=image, ijkToRAS=_ijk_to_ras(image),
                                network=network, threads=threads or None,
                                largestComponent=bool(largestComponent), probabilities=bool(probabilities),
-                               warnings=found)
+                               warnings=list(found), imageWarnings=tuple(found))
 
     def checkOutputs(self, inputVolume, outputSegmentation=None, probabilityVolume=None):
         """InputError if an output node cannot take the result (before any work is done)."""
