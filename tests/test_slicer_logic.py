@@ -65,7 +65,7 @@ def segment_array(segmentation, volume, sid=SID):
 def matrix(node):
     m = slicer_logic.vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    return slicer_logic._matrix_to_array(m)
+    return slicer.util.arrayFromVTKMatrix(m)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_segment_name_terminology_colour_and_geometry(scene, logic, phantom_file
     labelmap = segment.GetRepresentation("Binary labelmap")
     image_to_world = slicer_logic.vtk.vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(image_to_world)
-    np.testing.assert_allclose(slicer_logic._matrix_to_array(image_to_world), matrix(volume), atol=1e-9)
+    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(image_to_world), matrix(volume), atol=1e-9)
     assert segmentation.GetDisplayNode() is not None
 
 

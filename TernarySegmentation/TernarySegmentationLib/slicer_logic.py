@@ -48,18 +48,6 @@ def segment_id(class_name):
 
 # ------------------------------------------------------------------------------------ geometry
 
-def _matrix_to_array(matrix):
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _array_to_matrix(array):
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
 def _node_label(node):
     return f"'{node.GetName()}'" if node.GetName() else node.GetID() or type(node).__name__
 
@@ -95,7 +83,7 @@ def volume_to_image(volumeNode):
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     ijk_to_ras = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(ijk_to_ras)
-    m = _matrix_to_array(ijk_to_ras)
+    m = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     if not (np.isfinite(m).all() and (spacing > 0).all()):
         raise InputError(f"the input volume {_node_label(volumeNode)} has an invalid IJK-to-RAS matrix")
@@ -116,13 +104,8 @@ def _ijk_to_ras(image):
 
 def _set_volume(volumeNode, array, ijk_to_ras):
     """Give ``volumeNode`` a copy of the (k, j, i) ``array`` as its voxels and ``ijk_to_ras``."""
-    array = np.ascontiguousarray(array)
-    data = vtk.vtkImageData()
-    data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    scalars = numpy_support.numpy_to_vtk(array.reshape(-1), deep=True)
-    data.GetPointData().SetScalars(scalars)
-    volumeNode.SetIJKToRASMatrix(_array_to_matrix(ijk_to_ras))
-    volumeNode.SetAndObserveImageData(data)
+    slicer.util.updateVolumeFromArray(volumeNode, np.ascontiguousarray(array))
+    volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
 
 
 def image_to_volume(image, name="CT", scene=None, volumeNode=None):
@@ -142,7 +125,7 @@ def _oriented_labelmap(mask, ijk_to_ras):
     labelmap.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = mask.reshape(-1)
-    labelmap.SetImageToWorldMatrix(_array_to_matrix(ijk_to_ras))
+    labelmap.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
     return labelmap
 
 
@@ -283,7 +266,7 @@ class SegmentationLogic:
         if not outputSegmentation.GetSegmentation().IsSourceRepresentationImageData():  # empty (checked)
             outputSegmentation.SetSourceRepresentationToBinaryLabelmap()
 
-        labels = sitk.GetArrayFromImage(job.result.labels)
+        labels = sitk.GetArrayViewFromImage(job.result.labels)  # read only, while the job holds the image
         voxel_ml = float(np.prod(job.image.GetSpacing())) / 1000
         segmentation = outputSegmentation.GetSegmentation()
         modifier = slicer.vtkSlicerSegmentationsModuleLogic
